@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.model.layers.cpu_gemm import can_pack, pack_weight, packed_linear
 from kiln.model.layers.linear import default_weight_loader
 
 
@@ -20,7 +21,11 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """hidden [n, hidden_size] -> logits [n, vocab_size] in float32, computed in the model dtype."""
+    """hidden [n, hidden_size] -> logits [n, vocab_size] in float32, computed in the model dtype.
+
+    On CPU in bfloat16 the product reads a oneDNN-packed copy of the weight (a tied weight stays
+    dense for the embedding lookup, so tying then costs one extra copy of the vocabulary matrix).
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()
@@ -29,6 +34,18 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
             self.weight.weight_loader = default_weight_loader
+        self.tied = tied_to is not None
+        self.packed_weight: torch.Tensor | None = None
+
+    def pack_weights(self) -> bool:
+        if self.packed_weight is not None or not can_pack(self.weight):
+            return False
+        self.packed_weight = pack_weight(self.weight.data)
+        if not self.tied:
+            self.weight.data = self.weight.data.new_empty(0)
+        return True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(hidden_states, self.packed_weight, None).float()
         return F.linear(hidden_states, self.weight).float()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import InvalidRequestError
+from kiln.model.layers.cpu_gemm import can_pack, pack_weight, packed_linear
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -24,7 +25,8 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with W [output_size, input_size] loaded as is."""
+    """y = x W^T + b, with W [output_size, input_size] loaded as is (and packed for oneDNN after
+    loading on CPU in bfloat16, when the dense copy is released)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -35,11 +37,22 @@ class Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+        self.packed_weight: torch.Tensor | None = None
+
+    def pack_weights(self) -> bool:
+        """Swap the dense weight for a oneDNN-packed copy where that pays (see cpu_gemm)."""
+        if self.packed_weight is not None or not can_pack(self.weight):
+            return False
+        self.packed_weight = pack_weight(self.weight.data)
+        self.weight.data = self.weight.data.new_empty(0)
+        return True
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
