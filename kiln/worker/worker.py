@@ -80,7 +80,7 @@ class Worker:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         mc, cache = self.config.model_config, self.config.cache_config
-        shape = (num_blocks, cache.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (num_blocks, mc.num_kv_heads, cache.block_size, mc.head_dim)  # see model/layers/attention.py
         for layer in self.attn_layers:
             layer.kv_cache = (
                 torch.zeros(shape, dtype=mc.torch_dtype, device=self.device),

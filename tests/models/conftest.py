@@ -64,7 +64,7 @@ class PagedKVCache:
         self.block_size = block_size
         dtype = next(model.parameters()).dtype
         for layer in (m for m in model.modules() if isinstance(m, Attention)):
-            shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+            shape = (num_blocks, layer.num_kv_heads, block_size, layer.head_dim)
             layer.kv_cache = (torch.full(shape, 1e4, dtype=dtype), torch.full(shape, 1e4, dtype=dtype))
         self.free_blocks = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.block_tables: dict[Hashable, list[int]] = {}

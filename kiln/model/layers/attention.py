@@ -1,27 +1,99 @@
 """Paged attention: write this step's K/V into the block cache, then attend through block tables.
 
-Layout (shared by every backend): per layer, K and V caches [num_blocks, block_size, num_kv_heads,
-head_dim]; token slot = block_id * block_size + offset. The worker binds `Attention.kv_cache` after
-allocating them. This file holds the portable torch reference backend (CPU, and the test oracle):
+Layout (shared by every backend): per layer, K and V caches [num_blocks, num_kv_heads, block_size,
+head_dim]; token slot = block_id * block_size + offset. One (block, kv head) pair is a contiguous
+[block_size, head_dim] tile, so gathering a sequence's tiles yields [num_kv_heads, keys, head_dim]
+directly, the operand of a batched matmul, with no transpose copy (a token-major layout made
+the gather a strided copy that cost more than the attention itself). The worker binds
+`Attention.kv_cache` after allocating the caches.
 
-| step | shape |
+This file holds the portable torch backend (CPU, and the reference on any device). Everything
+that depends only on the step's shape (the gather index, the write index, masks, which rows
+decode) is built once per step in a `_StepPlan` and shared by all layers:
+
+| rows | method |
 | --- | --- |
-| gather K/V through block tables | [num_seqs, max_blocks * block_size, num_kv_heads, head_dim] |
-| pad queries, GQA groups as rows | [num_seqs, num_kv_heads, group * max_query_len, head_dim] |
-| mask: key pos <= query pos (and inside the sliding window) | [num_seqs, 1, group * max_query_len, keys] |
+| decode (query len 1) | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
+| prefill chunks | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
 
-Decode rows (query len 1) are attended apart from prefill rows, so a long prefill chunk never pads
-a batch of single-token decodes to its length. Slots past a sequence's length are read and masked,
-so caches must hold finite values (allocate them with torch.zeros): 0 * NaN would poison a row.
+Decode rows are attended apart from prefill rows, so a long prefill chunk never pads a batch of
+single-token decodes to its length. Slots past a sequence's length are read and masked, so caches
+must hold finite values (allocate them with torch.zeros): 0 * NaN would poison a row.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kiln.model.forward_context import AttentionMetadata, get_attn_metadata
+
+
+@dataclass
+class _Group:
+    """Sequences attended together: all decode, or all prefill, in batch order."""
+
+    rows: torch.Tensor | None  # the group's query rows in the flattened batch; None when it is the whole batch
+    tiles: torch.Tensor  # [num_seqs * kv_heads * num_blocks] rows of the cache viewed [blocks * kv_heads, tile]
+    seq_lens: torch.Tensor  # [num_seqs] int64
+    query_lens: list[int]
+    key_len: int  # gathered keys per sequence: num_blocks * block_size
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # sliding window -> mask
+    valid: torch.Tensor | None = None  # prefill: [S, max_query_len] bool, which padded query slots are real
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+
+@dataclass
+class _StepPlan:
+    write_rows: torch.Tensor  # [num_tokens * kv_heads] rows of the cache viewed [slots * kv_heads, head_dim]
+    groups: list[_Group]
+
+
+def _step_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _StepPlan:
+    key = (num_kv_heads, block_size)
+    plan = md.plans.get(key)
+    if plan is None:
+        plan = md.plans[key] = _build_plan(md, num_kv_heads, block_size)
+    return plan
+
+
+def _build_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _StepPlan:
+    device = md.slot_mapping.device
+    heads = torch.arange(num_kv_heads, device=device)
+    block, offset = md.slot_mapping // block_size, md.slot_mapping % block_size
+    write_rows = ((block[:, None] * num_kv_heads + heads) * block_size + offset[:, None]).flatten()
+    decode = [i for i, n in enumerate(md.query_lens_cpu) if n == 1]
+    if len(decode) in (0, md.num_seqs):
+        return _StepPlan(write_rows, [_group(md, None, None, heads, block_size)])
+    prefill = [i for i, n in enumerate(md.query_lens_cpu) if n > 1]
+    query_lens = torch.tensor(md.query_lens_cpu, device=device)
+    is_decode_row = torch.repeat_interleave(query_lens == 1, query_lens, output_size=int(md.slot_mapping.shape[0]))
+    rows = (is_decode_row.nonzero().flatten(), (~is_decode_row).nonzero().flatten())
+    return _StepPlan(write_rows, [_group(md, seqs, r, heads, block_size) for seqs, r in zip((decode, prefill), rows)])
+
+
+def _group(md: AttentionMetadata, seqs: list[int] | None, rows: torch.Tensor | None, heads: torch.Tensor,
+           block_size: int) -> _Group:
+    query_lens = md.query_lens_cpu if seqs is None else [md.query_lens_cpu[i] for i in seqs]
+    seq_lens_cpu = md.seq_lens_cpu if seqs is None else [md.seq_lens_cpu[i] for i in seqs]
+    block_tables, seq_lens = md.block_tables, md.seq_lens
+    if seqs is not None:
+        index = torch.tensor(seqs, device=block_tables.device)
+        block_tables, seq_lens = block_tables[index], seq_lens[index]
+    num_blocks = -(-max(seq_lens_cpu) // block_size)
+    blocks = block_tables[:, :num_blocks].long()  # [S, nb]
+    tiles = (blocks[:, None, :] * heads.shape[0] + heads[None, :, None]).flatten()  # [S, KH, nb]
+    return _Group(rows, tiles, seq_lens.long(), query_lens, num_blocks * block_size)
 
 
 class Attention(nn.Module):
@@ -33,6 +105,7 @@ class Attention(nn.Module):
         super().__init__()
         assert num_heads % num_kv_heads == 0, f"{num_heads} query heads do not group over {num_kv_heads} kv heads"
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -40,82 +113,83 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is not bound: the worker must allocate KV caches before a forward.")
-        md = get_attn_metadata()
         k_cache, v_cache = self.kv_cache
+        plan = _step_plan(get_attn_metadata(), self.num_kv_heads, k_cache.shape[2])
         num_tokens = q.shape[0]
         # write first, so this step's own keys are visible to its queries
-        kv_shape = (num_tokens, self.num_kv_heads, self.head_dim)
-        k_cache.view(-1, *kv_shape[1:]).index_copy_(0, md.slot_mapping, k.reshape(kv_shape))
-        v_cache.view(-1, *kv_shape[1:]).index_copy_(0, md.slot_mapping, v.reshape(kv_shape))
+        k_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, k.reshape(-1, self.head_dim))
+        v_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, v.reshape(-1, self.head_dim))
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        decode_seqs = [i for i, n in enumerate(md.query_lens_cpu) if n == 1]
-        if len(decode_seqs) in (0, md.num_seqs):
-            return self._attend(q, md, None).reshape(num_tokens, -1)
-        prefill_seqs = [i for i, n in enumerate(md.query_lens_cpu) if n > 1]
-        query_lens = torch.tensor(md.query_lens_cpu, device=q.device)
-        is_decode_row = torch.repeat_interleave(query_lens == 1, query_lens, output_size=num_tokens)
+        if len(plan.groups) == 1:
+            return self._attend(q, plan.groups[0]).reshape(num_tokens, -1)
         out = torch.empty_like(q)
-        for seqs, rows in ((decode_seqs, is_decode_row), (prefill_seqs, ~is_decode_row)):
-            out[rows] = self._attend(q[rows], md, seqs)
+        for group in plan.groups:
+            out[group.rows] = self._attend(q[group.rows], group)
         return out.reshape(num_tokens, -1)
 
-    def _attend(self, q: torch.Tensor, md: AttentionMetadata, seqs: list[int] | None) -> torch.Tensor:
-        """Attention for the query rows of sequences `seqs` (all when None), q [rows, H, D] in batch order."""
+    def _attend(self, q: torch.Tensor, group: _Group) -> torch.Tensor:
+        """q [rows, H, D] of the group's sequences in batch order -> [rows, H, D]."""
         k_cache, v_cache = self.kv_cache  # type: ignore[misc]
-        query_lens = md.query_lens_cpu if seqs is None else [md.query_lens_cpu[i] for i in seqs]
-        seq_lens_cpu = md.seq_lens_cpu if seqs is None else [md.seq_lens_cpu[i] for i in seqs]
-        block_tables, seq_lens = md.block_tables, md.seq_lens
-        if seqs is not None:
-            index = torch.tensor(seqs, device=q.device)
-            block_tables, seq_lens = block_tables[index], seq_lens[index]
-        num_seqs, max_query_len = len(query_lens), max(query_lens)
-        block_size, group = k_cache.shape[1], self.num_heads // self.num_kv_heads
-        num_blocks = -(-max(seq_lens_cpu) // block_size)
-        blocks = block_tables[:, :num_blocks].flatten().long()
-        gathered_shape = (num_seqs, num_blocks * block_size, self.num_kv_heads, self.head_dim)
-        # [S, KH, L, D] with L = num_blocks * block_size
-        keys = k_cache.index_select(0, blocks).view(gathered_shape).transpose(1, 2)
-        values = v_cache.index_select(0, blocks).view(gathered_shape).transpose(1, 2)
-        key_pos = torch.arange(keys.shape[2], device=q.device)
-        seq_lens = seq_lens.long()
-        if max_query_len == 1:
-            queries = q.view(num_seqs, self.num_kv_heads, group, self.head_dim)
-            query_pos = (seq_lens - 1)[:, None]  # [S, 1]
-        else:
-            padded = _pad_queries(q, query_lens, max_query_len)  # [S, Q, H, D]
-            queries = padded.view(num_seqs, max_query_len, self.num_kv_heads, group, self.head_dim)
-            queries = queries.permute(0, 2, 3, 1, 4).reshape(num_seqs, self.num_kv_heads, group * max_query_len, -1)
-            query_lens_t = torch.tensor(query_lens, device=q.device)
-            query_pos = (seq_lens - query_lens_t)[:, None] + torch.arange(max_query_len, device=q.device)  # [S, Q]
-            # padding rows act as the last real row, so no row is fully masked
-            query_pos = torch.minimum(query_pos, (seq_lens - 1)[:, None])
+        shape = (group.num_seqs, self.num_kv_heads, group.key_len, self.head_dim)
+        keys = k_cache.view(-1, k_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
+        values = v_cache.view(-1, v_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
+        if group.max_query_len == 1:
+            return self._decode(q, keys, values, group)
+        return self._prefill(q, keys, values, group)
+
+    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: _Group) -> torch.Tensor:
+        num_seqs, key_len = group.num_seqs, group.key_len
+        bias = group.masks.get(self.sliding_window)
+        if bias is None:
+            key_pos = torch.arange(key_len, device=q.device)
+            last = (group.seq_lens - 1)[:, None]
+            visible = key_pos[None, :] <= last
+            if self.sliding_window is not None:
+                visible &= key_pos[None, :] > last - self.sliding_window
+            zero = torch.zeros((), device=q.device)
+            bias = torch.where(visible, zero, float("-inf"))[:, None, None, :]  # [S, 1, 1, L]
+            group.masks[self.sliding_window] = bias
+        flat = num_seqs * self.num_kv_heads
+        scores = torch.bmm(q.reshape(flat, self.group, self.head_dim), keys.view(flat, key_len, -1).transpose(1, 2))
+        scores = scores.view(num_seqs, self.num_kv_heads, self.group, key_len).float() * self.scale + bias
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(flat, self.group, key_len)
+        return torch.bmm(probs, values.view(flat, key_len, -1)).view(num_seqs, self.num_heads, self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: _Group) -> torch.Tensor:
+        num_seqs, max_query_len, group_size = group.num_seqs, group.max_query_len, self.group
+        valid = _valid_rows(group)
+        padded = q.new_zeros(num_seqs, max_query_len, self.num_heads, self.head_dim)
+        padded[valid] = q
+        # rows are (group member, query position) of each kv head
+        queries = padded.view(num_seqs, max_query_len, self.num_kv_heads, group_size, self.head_dim)
+        queries = queries.permute(0, 2, 3, 1, 4).reshape(num_seqs, self.num_kv_heads, group_size * max_query_len, -1)
+        mask = group.masks.get(self.sliding_window)
+        if mask is None:
+            mask = group.masks[self.sliding_window] = self._prefill_mask(group, q.device)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.view(num_seqs, self.num_kv_heads, group_size, max_query_len, -1).permute(0, 3, 1, 2, 4)
+        return out.reshape(num_seqs, max_query_len, self.num_heads, self.head_dim)[valid]
+
+    def _prefill_mask(self, group: _Group, device: torch.device) -> torch.Tensor:
+        """[S, 1, group * Q, L]: key pos <= query pos (and inside the window); padding rows act as the
+        last real row, so no row is fully masked."""
+        query_lens = torch.tensor(group.query_lens, device=device)
+        max_query_len = group.max_query_len
+        query_pos = (group.seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=device)  # [S, Q]
+        query_pos = torch.minimum(query_pos, (group.seq_lens - 1)[:, None])
+        key_pos = torch.arange(group.key_len, device=device)
         mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [S, Q, L]
         if self.sliding_window is not None:
             mask &= key_pos[None, None, :] > query_pos[:, :, None] - self.sliding_window
-        if max_query_len > 1:  # rows are (group, query position): repeat the mask per group
-            mask = mask[:, None].expand(-1, group, -1, -1).reshape(num_seqs, group * max_query_len, -1)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], scale=self.scale)
-        if max_query_len == 1:
-            return out.reshape(num_seqs, self.num_heads, self.head_dim)
-        out = out.view(num_seqs, self.num_kv_heads, group, max_query_len, -1).permute(0, 3, 1, 2, 4)
-        out = out.reshape(num_seqs, max_query_len, self.num_heads, self.head_dim)
-        return _unpad(out, query_lens)
+        mask = mask[:, None].expand(-1, self.group, -1, -1).reshape(group.num_seqs, self.group * max_query_len, -1)
+        return mask[:, None]
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, scale={self.scale:g}"
 
 
-def _pad_queries(q: torch.Tensor, query_lens: list[int], max_query_len: int) -> torch.Tensor:
-    """[sum(query_lens), H, D] -> [S, max_query_len, H, D]; padding rows are zero (and discarded)."""
-    padded = q.new_zeros(len(query_lens), max_query_len, *q.shape[1:])
-    padded[_valid_mask(query_lens, max_query_len, q.device)] = q
-    return padded
-
-
-def _unpad(out: torch.Tensor, query_lens: list[int]) -> torch.Tensor:
-    return out[_valid_mask(query_lens, out.shape[1], out.device)]
-
-
-def _valid_mask(query_lens: list[int], max_query_len: int, device: torch.device) -> torch.Tensor:
-    lens = torch.tensor(query_lens, device=device)
-    return torch.arange(max_query_len, device=device)[None, :] < lens[:, None]  # [S, Q]
+def _valid_rows(group: _Group) -> torch.Tensor:
+    if group.valid is None:
+        lens = torch.tensor(group.query_lens, device=group.seq_lens.device)
+        group.valid = torch.arange(group.max_query_len, device=lens.device)[None, :] < lens[:, None]
+    return group.valid
