@@ -30,6 +30,16 @@ def env_cpu_kv_cache_gib() -> float:
     return float(os.environ.get("KILN_CPU_KVCACHE_SPACE", "4"))
 
 
+def env_cache_root() -> str:
+    """`KILN_CACHE_ROOT`: where kiln keeps what it builds once per machine (native kernels)."""
+    return os.environ.get("KILN_CACHE_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+
+
+def env_native_kernels() -> bool:
+    """`KILN_NATIVE_KERNELS=0` keeps every layer on its torch implementation (no compiled kernels)."""
+    return os.environ.get("KILN_NATIVE_KERNELS", "1") != "0"
+
+
 def env_torch_profiler_dir() -> str | None:
     """`KILN_TORCH_PROFILER_DIR`: where to dump torch profiler traces, if set."""
     return os.environ.get("KILN_TORCH_PROFILER_DIR") or None

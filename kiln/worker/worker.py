@@ -17,6 +17,7 @@ from kiln.core.sched_output import SchedulerOutput
 from kiln.errors import InvalidRequestError
 from kiln.logger import init_logger
 from kiln.model.layers.attention import Attention
+from kiln.model.layers import native
 from kiln.model.layers.cpu_gemm import pack_model_weights
 from kiln.model.loader import load_model
 from kiln.worker.model_runner import ModelRunner
@@ -31,6 +32,8 @@ class Worker:
         torch.manual_seed(config.model_config.seed)
         start = time.perf_counter()
         self.model = load_model(config.model_config, config.load_config, str(self.device))
+        if self.device.type == "cpu":
+            native.load()  # build (first run on this machine) or load the CPU kernels now, not mid-request
         num_packed = pack_model_weights(self.model)
         if num_packed:
             logger.info("Packed %d bfloat16 weight matrices for oneDNN", num_packed)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kiln.model.forward_context import forward_context
+from kiln.model.layers import attention, native
 from kiln.model.layers.attention import Attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
@@ -26,9 +27,24 @@ def reference(q, keys, values, positions, scale, window):
     return torch.einsum("hql,lhd->qhd", probs, v.double())
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Decode through the native CPU kernel, or through the torch backend."""
+    if request.param == "torch":
+        monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
+    elif native.paged_decode_attention() is None:
+        pytest.skip("the native kernels could not be built here")
+    return request.param
+
+
+def test_native_kernels_build_on_the_test_machine():
+    """CI machines have g++ and ninja: the fast path must not silently fall back there."""
+    assert native.paged_decode_attention() is not None
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_paged_attention_matches_direct_computation(window, dtype, tol, make_attn_metadata):
+def test_paged_attention_matches_direct_computation(window, dtype, tol, decode_path, make_attn_metadata):
     torch.manual_seed(0)
     layer = Attention(HEADS, KV_HEADS, HEAD_DIM, scale=HEAD_DIM**-0.5, sliding_window=window)
     num_blocks = 40

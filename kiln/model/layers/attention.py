@@ -13,7 +13,8 @@ decode) is built once per step in a `_StepPlan` and shared by all layers:
 
 | rows | method |
 | --- | --- |
-| decode (query len 1) | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
+| decode (query len 1), CPU | native kernel (native/paged_attention.cpp): reads each tile once, in place, online float32 softmax |
+| decode, elsewhere or without the kernel | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
 | prefill chunks | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
 
 Decode rows are attended apart from prefill rows, so a long prefill chunk never pads a batch of
@@ -23,6 +24,7 @@ must hold finite values (allocate them with torch.zeros): 0 * NaN would poison a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.model.forward_context import AttentionMetadata, get_attn_metadata
+from kiln.model.layers import native
 
 
 @dataclass
@@ -37,6 +40,7 @@ class _Group:
     """Sequences attended together: all decode, or all prefill, in batch order."""
 
     rows: torch.Tensor | None  # the group's query rows in the flattened batch; None when it is the whole batch
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     tiles: torch.Tensor  # [num_seqs * kv_heads * num_blocks] rows of the cache viewed [blocks * kv_heads, tile]
     seq_lens: torch.Tensor  # [num_seqs] int64
     query_lens: list[int]
@@ -93,7 +97,11 @@ def _group(md: AttentionMetadata, seqs: list[int] | None, rows: torch.Tensor | N
     num_blocks = -(-max(seq_lens_cpu) // block_size)
     blocks = block_tables[:, :num_blocks].long()  # [S, nb]
     tiles = (blocks[:, None, :] * heads.shape[0] + heads[None, :, None]).flatten()  # [S, KH, nb]
-    return _Group(rows, tiles, seq_lens.long(), query_lens, num_blocks * block_size)
+    return _Group(rows, block_tables.contiguous(), tiles, seq_lens.long(), query_lens, num_blocks * block_size)
+
+
+def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
+    return native.paged_decode_attention() if device.type == "cpu" else None
 
 
 class Attention(nn.Module):
@@ -130,6 +138,9 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, group: _Group) -> torch.Tensor:
         """q [rows, H, D] of the group's sequences in batch order -> [rows, H, D]."""
         k_cache, v_cache = self.kv_cache  # type: ignore[misc]
+        if group.max_query_len == 1 and (kernel := _decode_kernel(q.device)) is not None:
+            return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens.int(), self.scale,
+                          self.sliding_window or 0)
         shape = (group.num_seqs, self.num_kv_heads, group.key_len, self.head_dim)
         keys = k_cache.view(-1, k_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
         values = v_cache.view(-1, v_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)

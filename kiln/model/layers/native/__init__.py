@@ -1,0 +1,75 @@
+"""Small C++ kernels for CPU, compiled once per machine with torch's extension builder.
+
+Built on first use (about 15 s with g++ and ninja; the worker triggers it at startup, so it counts
+in startup time) into `KILN_CACHE_ROOT`/native/<torch version>-<CPU flags hash>, and reloaded from
+there by later processes. Where no compiler is at hand, the build fails or `KILN_NATIVE_KERNELS=0`
+is set, every caller keeps its torch implementation: the kernels are a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kiln.config import env_cache_root, env_native_kernels
+from kiln.logger import init_logger
+
+logger = init_logger(__name__)
+
+_SOURCES = [Path(__file__).with_name("paged_attention.cpp")]
+# -fopenmp: ATen's parallel_for is inline OpenMP, serial without it; the math flags let the compiler
+# reassociate reductions (no -ffinite-math-only: the kernels rely on -inf)
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+           "-ffp-contract=fast"]
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _build_dir() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    path = os.path.join(env_cache_root(), "native", f"torch{torch.__version__}-{platform.machine()}-{digest}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load() -> bool:
+    """Build or load the kernels into `torch.ops.kiln_native`; False (logged once) where unavailable."""
+    with _lock:
+        if "loaded" not in _state:
+            _state["loaded"] = _load()
+        return _state["loaded"]
+
+
+def _load() -> bool:
+    if not env_native_kernels():
+        logger.info("Native CPU kernels off (KILN_NATIVE_KERNELS=0)")
+        return False
+    from torch.utils.cpp_extension import load as build
+
+    start = time.perf_counter()
+    try:
+        build(name="kiln_native", sources=[str(s) for s in _SOURCES], is_python_module=False,
+              extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=_build_dir(), verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: keep the torch paths
+        lines = str(exc).splitlines()
+        reason = next((line for line in lines if "error" in line.lower() and line is not lines[0]), lines[0] if lines else "")
+        logger.warning("Native CPU kernels unavailable, using the torch paths: %s", reason[:500])
+        return False
+    logger.info("Native CPU kernels ready in %.1f s", time.perf_counter() - start)
+    return True
+
+
+def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
+    """The decode-attention kernel (see paged_attention.cpp), or None where it is unavailable."""
+    return torch.ops.kiln_native.paged_decode_attention if load() else None
