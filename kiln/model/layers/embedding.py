@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.model.layers.cpu_gemm import can_pack, pack_weight, packed_linear
+from kiln.model.layers.cpu_gemm import can_pack, keeps_dense_copy, pack_weight, packed_linear
 from kiln.model.layers.linear import default_weight_loader
 
 
@@ -41,11 +41,11 @@ class LMHead(nn.Module):
         if self.packed_weight is not None or not can_pack(self.weight):
             return False
         self.packed_weight = pack_weight(self.weight.data)
-        if not self.tied:
+        if not self.tied and not keeps_dense_copy():
             self.weight.data = self.weight.data.new_empty(0)
         return True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            return packed_linear(hidden_states, self.packed_weight, None).float()
+            return packed_linear(hidden_states, self.packed_weight, None, self.weight).float()
         return F.linear(hidden_states, self.weight).float()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# kiln serve + kiln bench serve at concurrency 1, 16 and 64 (256 prompt tokens, 128 output
+# tokens, ignore_eos), the workload of the vLLM-CPU reference numbers in benchmarks/README.md.
+# Prints startup time (launch to /health OK), the server's peak RSS and one line per concurrency.
+# Usage: benchmarks/serve_sweep.sh [extra kiln serve flags...]   (results in $OUT_DIR, default /tmp/kiln-sweep)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KILN=${KILN:-.venv/bin/kiln}
+PORT=${PORT:-8011}
+OUT_DIR=${OUT_DIR:-/tmp/kiln-sweep}
+mkdir -p "$OUT_DIR"
+start=$(date +%s.%N)
+$KILN serve --port "$PORT" --dtype bfloat16 --max-model-len 2048 "$@" > "$OUT_DIR/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
+  kill -0 $server 2>/dev/null || { tail -20 "$OUT_DIR/server.log"; exit 1; }
+  sleep 0.2
+done
+echo "startup to /health OK: $(echo "$(date +%s.%N) - $start" | bc) s"
+for conc in 1 16 64; do
+  prompts=$(( conc == 1 ? 8 : 64 ))
+  $KILN bench serve --base-url "http://127.0.0.1:$PORT" --num-prompts $prompts --random-input-len 256 \
+    --random-output-len 128 --ignore-eos --seed 0 --max-concurrency $conc --disable-tqdm --save-result \
+    --result-dir "$OUT_DIR" --result-filename "c$conc.json" > "$OUT_DIR/c$conc.txt" 2>&1
+  python3 - "$OUT_DIR/c$conc.json" "$conc" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"c={sys.argv[2]:>2}: {r['completed']} done, {r['failed']} failed, output {r['output_throughput']:.1f} tok/s, "
+      f"median TTFT {r['median_ttft_ms']:.0f} ms, median TPOT {r['median_tpot_ms']:.1f} ms")
+PY
+done
+echo "server peak RSS: $(grep VmHWM /proc/$server/status | awk '{print $2/1024 " MiB"}')"
