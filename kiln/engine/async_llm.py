@@ -18,6 +18,7 @@ runs torch's parallel kernels.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -114,6 +115,18 @@ class AsyncLLM:
         if self._streams.pop(request_id, None) is not None:
             self._send("abort", request_id)
 
+    async def start_profile(self) -> None:
+        """Start the torch profiler on the engine thread (KILN_TORCH_PROFILER_DIR)."""
+        await self._call_on_engine_thread("start_profile")
+
+    async def stop_profile(self) -> None:
+        await self._call_on_engine_thread("stop_profile")
+
+    async def _call_on_engine_thread(self, method: str) -> None:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._send("call", (method, done))
+        await asyncio.wrap_future(done)
+
     def _send(self, command: str, payload: Any) -> None:
         self._commands.put((command, payload))
         self._work.set()
@@ -127,7 +140,13 @@ class AsyncLLM:
             except queue.Empty:
                 return applied
             applied += 1
-            if command == "add":
+            if command == "call":  # an engine method that must run where the steps run
+                method, done = payload
+                try:
+                    done.set_result(getattr(self.engine, method)())
+                except Exception as exc:
+                    done.set_exception(exc)
+            elif command == "add":
                 request_id = payload[0]
                 if request_id in self._streams:  # not aborted while queued
                     self.engine.add_processed_request(*payload)

@@ -14,6 +14,7 @@ from kiln.core.request import RequestStatus
 from kiln.engine.core import EngineCore, EngineCoreRequest
 from kiln.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from kiln.engine.output_processor import OutputProcessor
+from kiln.engine.profiler import StepProfiler
 from kiln.logger import init_logger
 from kiln.metrics.stats_logger import StatLogger, StatLoggerProtocol
 from kiln.outputs import RequestOutput
@@ -43,6 +44,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(config, self.tokenizer, self.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLoggerProtocol] = [] if config.disable_log_stats else [StatLogger()]
+        self.profiler = StepProfiler()
         logger.info(
             "Engine ready in %.1fs: model %s (%s), dtype %s, max_model_len %d",
             time.perf_counter() - start, mc.served_model_name, mc.architecture, mc.dtype, mc.max_model_len,
@@ -77,6 +79,13 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
+
+    def start_profile(self) -> None:
+        """Trace the steps from now on (needs KILN_TORCH_PROFILER_DIR); call from the stepping thread."""
+        self.profiler.start()
+
+    def stop_profile(self) -> None:
+        self.profiler.stop()
 
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()

@@ -25,6 +25,13 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model=model, **kwargs))
         self._request_counter = itertools.count()
 
+    def start_profile(self) -> None:
+        """Trace engine steps with the torch profiler until `stop_profile()` (needs KILN_TORCH_PROFILER_DIR)."""
+        self.llm_engine.start_profile()
+
+    def stop_profile(self) -> None:
+        self.llm_engine.stop_profile()
+
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 

@@ -442,3 +442,30 @@ def test_parser_startup_checks(tokenizer, caplog):
     assert "Tool parser 'hermes' detected" in caplog.text
     build_app(FakeEngine(tokenizer), ServerConfig(enable_reasoning=True, reasoning_parser="qwen3"))
     assert "--enable-reasoning is deprecated" in caplog.text
+
+
+def test_profile_routes_exist_only_with_the_profiler_dir(tokenizer, monkeypatch, tmp_path):
+    calls: list[str] = []
+
+    class ProfilingEngine(FakeEngine):
+        async def start_profile(self):
+            calls.append("start")
+
+        async def stop_profile(self):
+            calls.append("stop")
+            raise InvalidRequestError("The profiler is not running.")
+
+    async def without(client, engine):
+        assert (await client.post("/start_profile")).status_code == 404
+
+    monkeypatch.delenv("KILN_TORCH_PROFILER_DIR", raising=False)
+    run(ProfilingEngine(tokenizer), ServerConfig(), without)
+
+    async def with_dir(client, engine):
+        assert (await client.post("/start_profile")).status_code == 200
+        stopped = await client.post("/stop_profile")
+        assert stopped.status_code == 400 and "not running" in stopped.json()["error"]["message"]
+
+    monkeypatch.setenv("KILN_TORCH_PROFILER_DIR", str(tmp_path))
+    run(ProfilingEngine(tokenizer), ServerConfig(), with_dir)
+    assert calls == ["start", "stop"]

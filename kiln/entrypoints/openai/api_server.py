@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import kiln
 from kiln.metrics.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from kiln.metrics.prometheus import PrometheusStatLogger
-from kiln.config import EngineArgs, ServerConfig, env_api_key
+from kiln.config import EngineArgs, ServerConfig, env_api_key, env_torch_profiler_dir
 from kiln.entrypoints.openai.errors import error_response, exception_response, install_error_handlers
 from kiln.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -203,6 +203,15 @@ def build_app(engine: AsyncLLM, server_config: ServerConfig, served_model_names:
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         return await _answer(raw_request, lambda: chat.create(request, raw_request))
+
+    if env_torch_profiler_dir() is not None:  # as vLLM: the routes exist only while profiling is configured
+        @app.post("/start_profile")
+        async def start_profile(raw_request: Request) -> Any:
+            return await _answer(raw_request, engine.start_profile)
+
+        @app.post("/stop_profile")
+        async def stop_profile(raw_request: Request) -> Any:
+            return await _answer(raw_request, engine.stop_profile)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest, raw_request: Request) -> Any:
