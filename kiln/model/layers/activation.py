@@ -6,11 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.model.layers import native
+
 
 class SiluAndMul(nn.Module):
     """[..., 2 * d] (gate | up) -> silu(gate) * up, [..., d]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := native.fused_bf16_ops(x)) is not None:
+            return ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -1,10 +1,13 @@
-"""RMSNorm computed exactly as transformers' LlamaRMSNorm, with an optional fused residual add."""
+"""RMSNorm computed exactly as transformers' LlamaRMSNorm, with an optional fused residual add
+(in bfloat16 on CPU one native kernel does both: native/elementwise.cpp)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kiln.model.layers import native
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +26,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); with `residual`, first x = x + residual and return (norm(x), x)."""
+        if (ops := native.fused_bf16_ops(x)) is not None:
+            normed, summed = ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return normed if residual is None else (normed, summed)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kiln.errors import UnsupportedFeatureError
+from kiln.model.layers import native
 
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -74,6 +75,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, num_heads, head_dim] rotated by cos/sin [T, head_dim]."""
+    """x [T, num_heads, head_dim] rotated by cos/sin [T, head_dim] (bfloat16 on CPU: one native kernel)."""
+    if x.stride(2) == 1 and x.stride(1) == x.shape[2] and (ops := native.fused_bf16_ops(x)) is not None:
+        return ops.rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin

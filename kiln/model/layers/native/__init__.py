@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +26,7 @@ from kiln.logger import init_logger
 
 logger = init_logger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_batch_linear.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_batch_linear.cpp", "elementwise.cpp")]
 # Row counts routed to the kernel: it beats oneDNN up to 4 rows here (1: 287 vs 485 us per layer of
 # SmolLM2-135M; 4: 392 vs 497; 8: 748 vs 597); the kernel itself takes up to 16 (kMaxRows)
 SMALL_BATCH_MAX_ROWS = 4
@@ -60,6 +63,8 @@ def _load() -> bool:
         return False
     from torch.utils.cpp_extension import load as build
 
+    if shutil.which("ninja") is None:  # the pip-installed ninja sits beside this interpreter
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     start = time.perf_counter()
     try:
         build(name="kiln_native", sources=[str(s) for s in _SOURCES], is_python_module=False,
@@ -79,6 +84,14 @@ def small_batch_linear() -> Callable[..., torch.Tensor] | None:
     if not load() or not torch.ops.kiln_native.small_batch_linear_available():
         return None
     return torch.ops.kiln_native.small_batch_linear
+
+
+def fused_bf16_ops(x: torch.Tensor) -> Any | None:
+    """`torch.ops.kiln_native` when `x` may take the fused bfloat16 elementwise kernels
+    (elementwise.cpp: add_rms_norm, silu_and_mul, rotary), else None."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not load():
+        return None
+    return torch.ops.kiln_native
 
 
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:

@@ -20,6 +20,7 @@
 #endif
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -61,43 +62,60 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// scores[t] = q . k[t] for the tile's rows t0..t1 (k row-major [t][D]).
-inline void scores_of_tile(const float* q, const float* k, float* scores, int64_t t0, int64_t t1, int64_t D) {
 #if defined(__AVX512F__)
-  if (D % 16 == 0) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* kr = k + t * D;
-      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kr));
-      for (int64_t d = 16; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kr + d), a);
-      scores[t] = _mm512_reduce_add_ps(a);
+// 16 cache values widened to float32 lanes, straight from the cache (no staging copy).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+template <typename T>
+constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+#else
+template <typename T>
+constexpr bool kVectorized = false;
+#endif
+
+// scores[t] = q . k[t] for the tile's rows t0..t1 (k: the cache tile, row-major [t][D]).
+template <typename T>
+inline void scores_of_tile(const float* q, const T* k, float* scores, int64_t t0, int64_t t1, int64_t D) {
+#if defined(__AVX512F__)
+  if constexpr (kVectorized<T>) {
+    if (D % 16 == 0) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* kr = k + t * D;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), load16(kr));
+        for (int64_t d = 16; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(kr + d), a);
+        scores[t] = _mm512_reduce_add_ps(a);
+      }
+      return;
     }
-    return;
   }
 #endif
   for (int64_t t = t0; t < t1; ++t) {
     float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[t * D + d];
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[t * D + d]);
     scores[t] = dot;
   }
 }
 
 // acc += sum_t p[t] * v[t] over the tile's rows, acc held in registers 16 lanes at a time.
-inline void accumulate_tile(const float* p, const float* v, float* acc, int64_t t0, int64_t t1, int64_t D) {
+template <typename T>
+inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, int64_t t1, int64_t D) {
 #if defined(__AVX512F__)
-  if (D % 16 == 0) {
-    for (int64_t d = 0; d < D; d += 16) {
-      __m512 a = _mm512_loadu_ps(acc + d);
-      for (int64_t t = t0; t < t1; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(v + t * D + d), a);
-      _mm512_storeu_ps(acc + d, a);
+  if constexpr (kVectorized<T>) {
+    if (D % 16 == 0) {
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512 a = _mm512_loadu_ps(acc + d);
+        for (int64_t t = t0; t < t1; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16(v + t * D + d), a);
+        _mm512_storeu_ps(acc + d, a);
+      }
+      return;
     }
-    return;
   }
 #endif
-  for (int64_t t = t0; t < t1; ++t) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * v[t * D + d];
-  }
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * static_cast<float>(v[t * D + d]);
 }
 
 // Tiles sit at unrelated addresses, out of reach of the hardware prefetcher: ask for the next one
@@ -115,7 +133,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
   const int64_t group = num_heads / num_kv_heads;
   const int64_t D = head_dim;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), acc(group * D), tile(block_size * D), probs;
+    std::vector<float> qf(group * D), acc(group * D), probs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / num_kv_heads, kh = task % num_kv_heads;
       const int64_t len = seq_lens[s];
@@ -131,9 +149,8 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
         const T* kt = k_cache + (table[b] * num_kv_heads + kh) * block_size * D;
         if ((b + 1) * block_size < len) prefetch_tile(k_cache + (table[b + 1] * num_kv_heads + kh) * block_size * D, block_size * D);
-        load_floats(kt + t0 * D, tile.data() + t0 * D, (t1 - t0) * D);
         for (int64_t g = 0; g < group; ++g)
-          scores_of_tile(qf.data() + g * D, tile.data(), probs.data() + g * n + b * block_size - first, t0, t1, D);
+          scores_of_tile(qf.data() + g * D, kt, probs.data() + g * n + b * block_size - first, t0, t1, D);
       }
       // pass 2: softmax of each query head's row, in place
       std::vector<float> sums(group);
@@ -156,9 +173,8 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
         const T* vt = v_cache + (table[b] * num_kv_heads + kh) * block_size * D;
         if ((b + 1) * block_size < len) prefetch_tile(v_cache + (table[b + 1] * num_kv_heads + kh) * block_size * D, block_size * D);
-        load_floats(vt + t0 * D, tile.data() + t0 * D, (t1 - t0) * D);
         for (int64_t g = 0; g < group; ++g)
-          accumulate_tile(probs.data() + g * n + b * block_size - first, tile.data(), acc.data() + g * D, t0, t1, D);
+          accumulate_tile(probs.data() + g * n + b * block_size - first, vt, acc.data() + g * D, t0, t1, D);
       }
       T* os = out + (s * num_heads + kh * group) * D;
       for (int64_t g = 0; g < group; ++g)
