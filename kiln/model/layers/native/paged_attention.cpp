@@ -122,15 +122,22 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
       probs.resize(group * n);
       load_floats(q + (s * num_heads + kh * group) * D, qf.data(), group * D);
       for (int64_t i = 0; i < group * D; ++i) qf[i] *= scale;
+      // Visits the sequence's tiles of `cache` for this kv head: body(tile, offset of the tile's first
+      // key among the visible ones, first and end row inside the tile).
+      auto for_each_tile = [&](const T* cache, auto&& body) {
+        for (int64_t b = first / block_size; b * block_size < len; ++b) {
+          const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
+          const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
+          if ((b + 1) * block_size < len)
+            prefetch_tile(cache + (table[b + 1] * num_kv_heads + kh) * block_size * D, block_size * D);
+          body(cache + (table[b] * num_kv_heads + kh) * block_size * D, b * block_size - first, t0, t1);
+        }
+      };
       // pass 1: every visible key's score, one tile of K at a time
-      for (int64_t b = first / block_size; b * block_size < len; ++b) {
-        const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
-        const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
-        const T* kt = k_cache + (table[b] * num_kv_heads + kh) * block_size * D;
-        if ((b + 1) * block_size < len) prefetch_tile(k_cache + (table[b + 1] * num_kv_heads + kh) * block_size * D, block_size * D);
+      for_each_tile(k_cache, [&](const T* tile, int64_t offset, int64_t t0, int64_t t1) {
         for (int64_t g = 0; g < group; ++g)
-          scores_of_tile(qf.data() + g * D, kt, probs.data() + g * n + b * block_size - first, t0, t1, D);
-      }
+          scores_of_tile(qf.data() + g * D, tile, probs.data() + g * n + offset, t0, t1, D);
+      });
       // pass 2: softmax of each query head's row, in place
       std::vector<float> sums(group);
       for (int64_t g = 0; g < group; ++g) {
@@ -147,14 +154,10 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
       }
       // pass 3: probabilities times V, one tile at a time
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t b = first / block_size; b * block_size < len; ++b) {
-        const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
-        const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
-        const T* vt = v_cache + (table[b] * num_kv_heads + kh) * block_size * D;
-        if ((b + 1) * block_size < len) prefetch_tile(v_cache + (table[b + 1] * num_kv_heads + kh) * block_size * D, block_size * D);
+      for_each_tile(v_cache, [&](const T* tile, int64_t offset, int64_t t0, int64_t t1) {
         for (int64_t g = 0; g < group; ++g)
-          accumulate_tile(probs.data() + g * n + b * block_size - first, vt, acc.data() + g * D, t0, t1, D);
-      }
+          accumulate_tile(probs.data() + g * n + offset, tile, acc.data() + g * D, t0, t1, D);
+      });
       T* os = out + (s * num_heads + kh * group) * D;
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < D; ++d) os[g * D + d] = static_cast<T>(acc[g * D + d] / sums[g]);
