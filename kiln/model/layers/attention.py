@@ -13,13 +13,13 @@ decode) is built once per step in a `_StepPlan` and shared by all layers:
 
 | rows | method |
 | --- | --- |
-| decode (query len 1), CPU | native kernel (native/paged_attention.cpp): reads each tile once, in place, online float32 softmax |
+| decode (query len 1), CPU | native kernel (native/paged_attention.cpp): K tiles read in place for the scores, a float32 softmax, V tiles read in place for the sum |
 | decode, elsewhere or without the kernel | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
 | prefill chunks | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
 
 Decode rows are attended apart from prefill rows, so a long prefill chunk never pads a batch of
 single-token decodes to its length. Slots past a sequence's length are read and masked, so caches
-must hold finite values (allocate them with torch.zeros): 0 * NaN would poison a row.
+must hold finite values (allocate them zero-filled): 0 * NaN would poison a row.
 """
 
 from __future__ import annotations
