@@ -52,21 +52,30 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::
   uint16_t* op = bits_mut(out);
   const bool add = residual.has_value();
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(H);
+    std::vector<float> row_buffer(H);
+    float* row = row_buffer.data();
     for (int64_t t = begin; t < end; ++t) {
-      float squares = 0.f;
-      for (int64_t i = 0; i < H; ++i) {
-        float v = bf16_to_float(xp[t * H + i]);
-        if (add) {
-          v = round_bf16(v + bf16_to_float(rp[t * H + i]));
-          sp[t * H + i] = float_to_bf16(v);
+      const uint16_t* xr = xp + t * H;
+      if (add) {
+        const uint16_t* rr = rp + t * H;
+        uint16_t* sr = sp + t * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) {
+          const float v = round_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
+          sr[i] = float_to_bf16(v);
+          row[i] = v;
         }
-        row[i] = v;
-        squares += v * v;
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) row[i] = bf16_to_float(xr[i]);
       }
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < H; ++i) squares += row[i] * row[i];
       const float inv = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
-      for (int64_t i = 0; i < H; ++i)
-        op[t * H + i] = float_to_bf16(bf16_to_float(wp[i]) * round_bf16(row[i] * inv));
+      uint16_t* orow = op + t * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) orow[i] = float_to_bf16(bf16_to_float(wp[i]) * round_bf16(row[i] * inv));
     }
   });
   return {out.view(x.sizes()), summed.view(x.sizes())};
