@@ -123,6 +123,8 @@ class AsyncLLM:
         await self._call_on_engine_thread("stop_profile")
 
     async def _call_on_engine_thread(self, method: str) -> None:
+        if self._dead is not None or self._stopped:  # no thread would ever answer
+            raise EngineDeadError(f"The engine is not running: {self._dead or 'shut down'}")
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._send("call", (method, done))
         await asyncio.wrap_future(done)

@@ -13,7 +13,7 @@ import pytest
 from kiln import SamplingParams
 from kiln.config import EngineArgs
 from kiln.engine.async_llm import AsyncLLM
-from kiln.errors import InvalidRequestError
+from kiln.errors import EngineDeadError, InvalidRequestError
 
 pytestmark = pytest.mark.slow
 PARAMS = SamplingParams(temperature=0, max_tokens=3)
@@ -65,4 +65,6 @@ def test_async_profile_runs_on_the_engine_thread(cached_weights, monkeypatch, tm
     finally:
         engine.shutdown()
     assert outputs[-1].finished
+    with pytest.raises(EngineDeadError):  # no engine thread left to answer: fail, do not hang
+        asyncio.run(engine.start_profile())
     assert "aten::linear" in _op_names(tmp_path) or "aten::mm" in _op_names(tmp_path)

@@ -42,7 +42,7 @@ class _Group:
     rows: torch.Tensor | None  # the group's query rows in the flattened batch; None when it is the whole batch
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     tiles: torch.Tensor  # [num_seqs * kv_heads * num_blocks] rows of the cache viewed [blocks * kv_heads, tile]
-    seq_lens: torch.Tensor  # [num_seqs] int64
+    seq_lens: torch.Tensor  # [num_seqs] int32
     query_lens: list[int]
     key_len: int  # gathered keys per sequence: num_blocks * block_size
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # sliding window -> mask
@@ -97,7 +97,7 @@ def _group(md: AttentionMetadata, seqs: list[int] | None, rows: torch.Tensor | N
     num_blocks = -(-max(seq_lens_cpu) // block_size)
     blocks = block_tables[:, :num_blocks].long()  # [S, nb]
     tiles = (blocks[:, None, :] * heads.shape[0] + heads[None, :, None]).flatten()  # [S, KH, nb]
-    return _Group(rows, block_tables.contiguous(), tiles, seq_lens.long(), query_lens, num_blocks * block_size)
+    return _Group(rows, block_tables.contiguous(), tiles, seq_lens.int(), query_lens, num_blocks * block_size)
 
 
 def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
@@ -139,7 +139,7 @@ class Attention(nn.Module):
         """q [rows, H, D] of the group's sequences in batch order -> [rows, H, D]."""
         k_cache, v_cache = self.kv_cache  # type: ignore[misc]
         if group.max_query_len == 1 and (kernel := _decode_kernel(q.device)) is not None:
-            return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens.int(), self.scale,
+            return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, self.scale,
                           self.sliding_window or 0)
         shape = (group.num_seqs, self.num_kv_heads, group.key_len, self.head_dim)
         keys = k_cache.view(-1, k_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
@@ -153,7 +153,7 @@ class Attention(nn.Module):
         bias = group.masks.get(self.sliding_window)
         if bias is None:
             key_pos = torch.arange(key_len, device=q.device)
-            last = (group.seq_lens - 1)[:, None]
+            last = (group.seq_lens.long() - 1)[:, None]
             visible = key_pos[None, :] <= last
             if self.sliding_window is not None:
                 visible &= key_pos[None, :] > last - self.sliding_window
@@ -186,8 +186,9 @@ class Attention(nn.Module):
         last real row, so no row is fully masked."""
         query_lens = torch.tensor(group.query_lens, device=device)
         max_query_len = group.max_query_len
-        query_pos = (group.seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=device)  # [S, Q]
-        query_pos = torch.minimum(query_pos, (group.seq_lens - 1)[:, None])
+        seq_lens = group.seq_lens.long()
+        query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=device)  # [S, Q]
+        query_pos = torch.minimum(query_pos, (seq_lens - 1)[:, None])
         key_pos = torch.arange(group.key_len, device=device)
         mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [S, Q, L]
         if self.sliding_window is not None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,6 @@ SMALL_BATCH_MAX_ROWS = 4
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-ffp-contract=fast"]
 _lock = threading.Lock()
-_state: dict[str, bool] = {}
 
 
 def _build_dir() -> str:
@@ -49,12 +49,31 @@ def _build_dir() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class _Kernels:
+    """The ops resolved once, so the per-layer calls on the hot path do no lookups or dispatches."""
+
+    paged_decode_attention: Callable[..., torch.Tensor]
+    small_batch_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
+    ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
+
+
+_kernels: _Kernels | None = None
+_resolved = False
+
+
 def load() -> bool:
     """Build or load the kernels into `torch.ops.kiln_native`; False (logged once) where unavailable."""
-    with _lock:
-        if "loaded" not in _state:
-            _state["loaded"] = _load()
-        return _state["loaded"]
+    global _kernels, _resolved
+    if not _resolved:
+        with _lock:
+            if not _resolved:
+                if _load():
+                    ops = torch.ops.kiln_native
+                    _kernels = _Kernels(ops.paged_decode_attention,
+                                        ops.small_batch_linear if ops.small_batch_linear_available() else None, ops)
+                _resolved = True
+    return _kernels is not None
 
 
 def _load() -> bool:
@@ -81,9 +100,7 @@ def _load() -> bool:
 def small_batch_linear() -> Callable[..., torch.Tensor] | None:
     """x [M <= SMALL_BATCH_MAX_ROWS, K] @ W^T (+ bias) in bfloat16 (see small_batch_linear.cpp), or None
     where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
-    if not load() or not torch.ops.kiln_native.small_batch_linear_available():
-        return None
-    return torch.ops.kiln_native.small_batch_linear
+    return _kernels.small_batch_linear if load() else None  # type: ignore[union-attr]
 
 
 def fused_bf16_ops(x: torch.Tensor) -> Any | None:
@@ -91,9 +108,9 @@ def fused_bf16_ops(x: torch.Tensor) -> Any | None:
     (elementwise.cpp: add_rms_norm, silu_and_mul, rotary), else None."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not load():
         return None
-    return torch.ops.kiln_native
+    return _kernels.ops  # type: ignore[union-attr]
 
 
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
     """The decode-attention kernel (see paged_attention.cpp), or None where it is unavailable."""
-    return torch.ops.kiln_native.paged_decode_attention if load() else None
+    return _kernels.paged_decode_attention if load() else None  # type: ignore[union-attr]
