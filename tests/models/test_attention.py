@@ -11,7 +11,11 @@ from kiln.model.forward_context import forward_context
 from kiln.model.layers import attention, native
 from kiln.model.layers.attention import Attention
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
+HEADS, KV_HEADS = 6, 2
+# (head_dim, block_size, prompt chunk lengths of the first two steps): the small shape, and the
+# shape of the kernels' bfloat16 tile path (16-key blocks, head_dim a multiple of 32), whose
+# sequences span several blocks and start windows inside a block.
+GEOMETRIES = {"small": (8, 4, ([13, 3, 9, 1], [1, 6, 1, 1])), "tiles16": (64, 16, ([29, 3, 17, 1], [1, 20, 1, 1]))}
 
 
 def reference(q, keys, values, positions, scale, window):
@@ -46,33 +50,47 @@ def test_native_kernels_build_on_the_test_machine():
     assert native.paged_decode_attention() is not None
 
 
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.fixture(params=[None, 8], ids=["threads-default", "threads-8"])
+def intra_op_threads(request):
+    """With more threads than sequences the decode kernel splits each sequence by kv head."""
+    before = torch.get_num_threads()
+    if request.param is not None:
+        torch.set_num_threads(request.param)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("window", [None, 5, 20])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_paged_attention_matches_direct_computation(window, dtype, tol, decode_path, make_attn_metadata):
+def test_paged_attention_matches_direct_computation(geometry, window, dtype, tol, decode_path, make_attn_metadata,
+                                                    intra_op_threads):
     torch.manual_seed(0)
-    layer = Attention(HEADS, KV_HEADS, HEAD_DIM, scale=HEAD_DIM**-0.5, sliding_window=window)
+    head_dim, block, (first_step, second_step) = GEOMETRIES[geometry]
+    layer = Attention(HEADS, KV_HEADS, head_dim, scale=head_dim**-0.5, sliding_window=window)
     num_blocks = 40
-    shape = (num_blocks, KV_HEADS, BLOCK, HEAD_DIM)
-    layer.kv_cache = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    shape = (num_blocks, KV_HEADS, block, head_dim)
+    # random (finite) leftovers in the cache, as blocks reused from finished sequences hold
+    layer.kv_cache = (torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
     free = torch.randperm(num_blocks).tolist()
-    lengths = [13, 3, 9, 1]
-    tables = [[free.pop() for _ in range(-(-30 // BLOCK))] for _ in lengths]
-    history = [(torch.randn(30, KV_HEADS, HEAD_DIM).to(dtype), torch.randn(30, KV_HEADS, HEAD_DIM).to(dtype))
-               for _ in lengths]
-    computed = [0] * len(lengths)
+    history_len = max(a + b for a, b in zip(first_step, second_step)) + 2
+    tables = [[free.pop() for _ in range(-(-history_len // block))] for _ in first_step]
+    history = [(torch.randn(history_len, KV_HEADS, head_dim).to(dtype),
+                torch.randn(history_len, KV_HEADS, head_dim).to(dtype)) for _ in first_step]
+    computed = [0] * len(first_step)
     # step 1: prefill chunks of every length; later steps: decodes mixed with a chunk, then decodes only
-    for step_new in ([13, 3, 9, 1], [1, 6, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]):
-        md = make_attn_metadata(computed, step_new, tables, BLOCK)
-        q = torch.randn(sum(step_new), HEADS, HEAD_DIM).to(dtype)
+    for step_new in (first_step, second_step, [1, 1, 1, 1], [1, 1, 1, 1]):
+        md = make_attn_metadata(computed, step_new, tables, block)
+        q = torch.randn(sum(step_new), HEADS, head_dim).to(dtype)
         k = torch.cat([history[i][0][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
         v = torch.cat([history[i][1][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
         with torch.inference_mode(), forward_context(md):
-            out = layer(q.flatten(1), k.flatten(1), v.flatten(1)).view(-1, HEADS, HEAD_DIM)
+            out = layer(q.flatten(1), k.flatten(1), v.flatten(1)).view(-1, HEADS, head_dim)
         row = 0
         for i, (c, n) in enumerate(zip(computed, step_new)):
             positions = torch.arange(c, c + n)
             expected = reference(q[row:row + n], history[i][0][:c + n], history[i][1][:c + n], positions,
-                                 HEAD_DIM**-0.5, window)
+                                 head_dim**-0.5, window)
             torch.testing.assert_close(out[row:row + n].double(), expected, atol=tol, rtol=tol)
             row += n
         computed = [c + n for c, n in zip(computed, step_new)]
