@@ -33,9 +33,10 @@ def reference(q, keys, values, positions, scale, window):
 
 @pytest.fixture(params=["native", "torch"])
 def decode_path(request, monkeypatch):
-    """Decode through the native CPU kernel, or through the torch backend."""
+    """Attend through the native CPU kernels (where the shape fits them), or through the torch backend."""
     if request.param == "torch":
         monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
+        monkeypatch.setattr(attention, "_prefill_kernel", lambda q, k_cache: None)
     elif native.paged_decode_attention() is None:
         pytest.skip("the native kernels could not be built here")
     return request.param

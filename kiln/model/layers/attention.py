@@ -15,7 +15,8 @@ decode) is built once per step in a `_StepPlan` and shared by all layers:
 | --- | --- |
 | decode (query len 1), CPU | native kernel (native/paged_attention.cpp): K tiles read in place for the scores, a float32 softmax, V tiles read in place for the sum |
 | decode, elsewhere or without the kernel | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
-| prefill chunks | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
+| prefill chunks, bfloat16 CPU | native kernel (native/prefill_attention.cpp): flash-style over 16-key tiles read in place, masked tiles skipped |
+| prefill chunks, elsewhere | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
 
 Decode rows are attended apart from prefill rows, so a long prefill chunk never pads a batch of
 single-token decodes to its length. Slots past a sequence's length are read and masked, so caches
@@ -47,6 +48,7 @@ class _Group:
     key_len: int  # gathered keys per sequence: num_blocks * block_size
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # sliding window -> mask
     valid: torch.Tensor | None = None  # prefill: [S, max_query_len] bool, which padded query slots are real
+    query_starts: torch.Tensor | None = None  # prefill kernel: [S + 1] int32, each sequence's first query row
 
     @property
     def num_seqs(self) -> int:
@@ -104,6 +106,15 @@ def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
     return native.paged_decode_attention() if device.type == "cpu" else None
 
 
+def _prefill_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The native prefill kernel where its shape fits: bfloat16 on CPU, 16-key blocks, head_dim a
+    multiple of 32 up to 256."""
+    head_dim = q.shape[-1]
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k_cache.shape[2] != 16 or head_dim % 32 or head_dim > 256:
+        return None
+    return native.paged_prefill_attention()
+
+
 class Attention(nn.Module):
     """q [T, H*D], k/v [T, KH*D] -> [T, H*D] for a flattened batch described by the forward context."""
 
@@ -140,6 +151,9 @@ class Attention(nn.Module):
         k_cache, v_cache = self.kv_cache  # type: ignore[misc]
         if group.max_query_len == 1 and (kernel := _decode_kernel(q.device)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, self.scale,
+                          self.sliding_window or 0)
+        if group.max_query_len > 1 and (kernel := _prefill_kernel(q, k_cache)) is not None:
+            return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, _query_starts(group), self.scale,
                           self.sliding_window or 0)
         shape = (group.num_seqs, self.num_kv_heads, group.key_len, self.head_dim)
         keys = k_cache.view(-1, k_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
@@ -198,6 +212,15 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, scale={self.scale:g}"
+
+
+def _query_starts(group: _Group) -> torch.Tensor:
+    if group.query_starts is None:
+        starts = [0]
+        for n in group.query_lens:
+            starts.append(starts[-1] + n)
+        group.query_starts = torch.tensor(starts, dtype=torch.int32, device=group.seq_lens.device)
+    return group.query_starts
 
 
 def _valid_rows(group: _Group) -> torch.Tensor:

@@ -27,7 +27,8 @@ from kiln.logger import init_logger
 
 logger = init_logger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_batch_linear.cpp", "elementwise.cpp")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_batch_linear.cpp", "elementwise.cpp")]
 # Row counts routed to the kernel: it beats oneDNN up to 4 rows here (1: 287 vs 485 us per layer of
 # SmolLM2-135M; 4: 392 vs 497; 8: 748 vs 597); the kernel itself takes up to 16 (kMaxRows)
 SMALL_BATCH_MAX_ROWS = 4
@@ -54,6 +55,7 @@ class _Kernels:
     """The ops resolved once, so the per-layer calls on the hot path do no lookups or dispatches."""
 
     paged_decode_attention: Callable[..., torch.Tensor]
+    paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
     small_batch_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
     ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
 
@@ -70,8 +72,10 @@ def load() -> bool:
             if not _resolved:
                 if _load():
                     ops = torch.ops.kiln_native
-                    _kernels = _Kernels(ops.paged_decode_attention,
-                                        ops.small_batch_linear if ops.small_batch_linear_available() else None, ops)
+                    _kernels = _Kernels(
+                        ops.paged_decode_attention,
+                        ops.paged_prefill_attention if ops.paged_prefill_attention_available() else None,
+                        ops.small_batch_linear if ops.small_batch_linear_available() else None, ops)
                 _resolved = True
     return _kernels is not None
 
@@ -114,3 +118,9 @@ def fused_bf16_ops(x: torch.Tensor) -> Any | None:
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
     """The decode-attention kernel (see paged_attention.cpp), or None where it is unavailable."""
     return _kernels.paged_decode_attention if load() else None  # type: ignore[union-attr]
+
+
+def paged_prefill_attention() -> Callable[..., torch.Tensor] | None:
+    """The bfloat16 prefill-attention kernel (see prefill_attention.cpp: 16-key blocks, head_dim a
+    multiple of 32), or None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
+    return _kernels.paged_prefill_attention if load() else None  # type: ignore[union-attr]

@@ -1,0 +1,265 @@
+// Prefill attention straight from the paged KV cache (CPU, bfloat16, AVX512-BF16).
+//
+// torch's CPU SDPA with an explicit mask computes every (query, key) pair of the padded batch and
+// runs at ~100 GFLOP/s here; this kernel skips the masked tiles (causal, sliding window) and does
+// both matrix products with vdpbf16ps on tiles shared by many query rows, flash-attention style
+// (one pass over the keys with a running max and sum per row).
+//
+// A task is (sequence, kv head, 16 query positions): its rows are those positions for every query
+// head of the kv head's GQA group. Per 16-key tile of the cache it transposes K into key-pair
+// columns (so 16 scores come from D/2 instructions with no horizontal sums) and interleaves V by
+// key pairs (two keys per instruction), once for all its rows. Probabilities are rounded to
+// bfloat16 before the V product, as transformers' eager attention rounds them.
+//
+// Layout: q [T, H, D], the rows of the sequences one after another (query_starts [S + 1] int32);
+// caches [num_blocks, KH, 16, D]; block_tables [S, max_blocks] int32; seq_lens [S] int32 (keys
+// visible to the sequence's last query, itself included; its queries are the last positions).
+// sliding_window <= 0 means none; otherwise a query sees its last `sliding_window` keys.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512BF16__)
+constexpr int64_t kTile = 16;    // keys per cache block, and query positions per task
+constexpr int64_t kMaxDim = 256;  // head_dim bound of the fixed-size tile buffers
+
+// exp of 16 lanes: Cody-Waite reduction, degree-7 Taylor, scaled by 2^n (kiln_native::fast_exp's math)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Where the V product keeps dimension d: in each run of 32, unpacklo/hi interleave within 128-bit
+// lanes, so lane L of the low half holds d = 8L..8L+3 and of the high half 8L+4..8L+7.
+inline int64_t out_pos(int64_t d) {
+  const int64_t base = d & ~int64_t{31}, r = d & 31;
+  return base + ((r >> 2) & 1) * 16 + (r >> 3) * 4 + (r & 3);
+}
+
+// The running state of one query head's 16 rows (positions) of a task: row max and sum of the
+// rounded probabilities as 16 lanes, and the unnormalized outputs in the V product's order.
+struct RowBlock {
+  __m512 max, sum;
+  alignas(64) float acc[kTile * kMaxDim];
+};
+
+// One key tile against the 16 rows of one query head: every step below works on all rows at once
+// (16 independent dependency chains, so the core's pipelines stay full). The row loops have a
+// fixed trip count so that the per-row vectors stay in registers; rows past the end of a short
+// query tile repeat a real row and see no keys.
+inline void attend_tile(RowBlock& st, const uint16_t* const* q_rows, const uint32_t* kt,
+                        const uint16_t* vp, const __mmask16* visible, int64_t pair_lo, int64_t pair_hi, int64_t D,
+                        float scale) {
+  const int64_t pairs = D / 2;
+  __m512 scores[kTile];
+  for (int64_t r = 0; r < kTile; ++r) scores[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh keys = (__m512bh)_mm512_load_si512(kt + p * kTile);
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < kTile; ++r) {
+      const uint32_t pair = reinterpret_cast<const uint32_t*>(q_rows[r])[p];
+      scores[r] = _mm512_dpbf16_ps(scores[r], (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair)), keys);
+    }
+  }
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  alignas(64) float tile_max[kTile];
+  for (int64_t r = 0; r < kTile; ++r) {
+    scores[r] = _mm512_mask_mov_ps(neg_inf, visible[r], _mm512_mul_ps(scores[r], _mm512_set1_ps(scale)));
+    tile_max[r] = _mm512_reduce_max_ps(scores[r]);  // -inf for rows that see nothing here
+  }
+  const __m512 new_max = _mm512_max_ps(st.max, _mm512_load_ps(tile_max));
+  const __mmask16 empty = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_EQ_OQ);
+  // exp(old - new): 0 on a row's first visible tile; 1 while a row has seen nothing yet
+  const __m512 correction = _mm512_mask_mov_ps(exp16(_mm512_sub_ps(st.max, new_max)), empty, _mm512_set1_ps(1.f));
+  st.max = new_max;
+  alignas(64) float row_max[kTile], row_corr[kTile], tile_sum[kTile];
+  _mm512_store_ps(row_max, new_max);
+  _mm512_store_ps(row_corr, correction);
+  alignas(32) uint32_t weights[kTile][kTile / 2];  // per row: bfloat16 probabilities, key pairs
+  for (int64_t r = 0; r < kTile; ++r) {
+    const __m512 probs = _mm512_maskz_mov_ps(visible[r], exp16(_mm512_sub_ps(scores[r], _mm512_set1_ps(row_max[r]))));
+    const __m256bh rounded = _mm512_cvtneps_pbh(probs);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r]), (__m256i)rounded);
+    tile_sum[r] = _mm512_reduce_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)rounded), 16)));
+  }
+  st.sum = _mm512_add_ps(_mm512_mul_ps(st.sum, correction), _mm512_load_ps(tile_sum));
+  for (int64_t d = 0; d < D; d += 16) {
+    // the 16 output lanes at acc[d..d+16) come from the half (d / 16) % 2 of run d / 32
+    const uint16_t* vcol = vp + 2 * (d - (d & 31)) + ((d >> 4) & 1) * 32;
+    __m512 acc[kTile];
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < kTile; ++r) acc[r] = _mm512_mul_ps(_mm512_load_ps(st.acc + r * D + d), _mm512_set1_ps(row_corr[r]));
+    for (int64_t j2 = pair_lo; j2 <= pair_hi; ++j2) {
+      const __m512bh values = (__m512bh)_mm512_load_si512(vcol + j2 * 2 * D);
+#pragma GCC unroll 16
+      for (int64_t r = 0; r < kTile; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(weights[r][j2])), values);
+    }
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < kTile; ++r) _mm512_store_ps(st.acc + r * D + d, acc[r]);
+  }
+}
+
+void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* block_tables,
+                       const int32_t* seq_lens, const int32_t* query_starts, uint16_t* out, int64_t num_seqs,
+                       int64_t num_heads, int64_t num_kv_heads, int64_t D, int64_t max_blocks, float scale,
+                       int64_t window) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t tile = kTile * D, block = num_kv_heads * tile;
+  const int64_t pairs = D / 2;
+  // tasks: (sequence, query tile, kv head), in that order
+  std::vector<int64_t> task_start(num_seqs + 1, 0);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t query_len = query_starts[s + 1] - query_starts[s];
+    task_start[s + 1] = task_start[s] + (query_len + kTile - 1) / kTile * num_kv_heads;
+  }
+  const int64_t num_tasks = task_start[num_seqs];
+  const int64_t num_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  // Later query tiles see more keys: dealing tasks out round-robin balances the threads.
+  at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
+    std::vector<RowBlock> blocks(group);
+    alignas(64) uint32_t kt[kMaxDim / 2 * kTile];  // K tile as [pair][key]
+    alignas(64) uint16_t vp[kTile * kMaxDim];      // V tile, key pairs interleaved: [key pair][2D]
+    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
+      for (int64_t task = thread; task < num_tasks; task += num_threads) {
+        const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
+        const int64_t local = task - task_start[s];
+        const int64_t qtile = local / num_kv_heads, kh = local % num_kv_heads;
+        const int64_t query_len = query_starts[s + 1] - query_starts[s];
+        const int64_t i0 = qtile * kTile, num_rows = std::min(query_len - i0, kTile);
+        const int64_t context = seq_lens[s] - query_len;  // position of query 0
+        const int64_t last_key = context + i0 + num_rows - 1;
+        const int64_t first_key = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
+        const int32_t* table = block_tables + s * max_blocks;
+        for (int64_t g = 0; g < group; ++g) {
+          blocks[g].max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+          blocks[g].sum = _mm512_setzero_ps();
+          std::fill(blocks[g].acc, blocks[g].acc + kTile * D, 0.f);
+        }
+        for (int64_t b = first_key / kTile; b <= last_key / kTile; ++b) {
+          const uint16_t* k = k_cache + table[b] * block + kh * tile;
+          const uint16_t* v = v_cache + table[b] * block + kh * tile;
+          const uint32_t* k32 = reinterpret_cast<const uint32_t*>(k);
+          for (int64_t j = 0; j < kTile; ++j)
+            for (int64_t p = 0; p < pairs; ++p) kt[p * kTile + j] = k32[j * pairs + p];
+          for (int64_t j2 = 0; j2 < kTile / 2; ++j2)
+            for (int64_t d = 0; d < D; d += 32) {
+              const __m512i r0 = _mm512_loadu_si512(v + (2 * j2) * D + d);
+              const __m512i r1 = _mm512_loadu_si512(v + (2 * j2 + 1) * D + d);
+              _mm512_store_si512(vp + j2 * 2 * D + 2 * d, _mm512_unpacklo_epi16(r0, r1));
+              _mm512_store_si512(vp + j2 * 2 * D + 2 * d + 32, _mm512_unpackhi_epi16(r0, r1));
+            }
+          const int64_t key0 = b * kTile;
+          __mmask16 visible[kTile] = {};
+          int64_t lo_all = kTile, hi_all = -1;
+          for (int64_t r = 0; r < num_rows; ++r) {
+            const int64_t pos = context + i0 + r;
+            const int64_t lo = std::max<int64_t>(window > 0 ? pos - window + 1 : 0, key0) - key0;
+            const int64_t hi = std::min<int64_t>(pos, key0 + kTile - 1) - key0;  // inclusive
+            if (lo > hi) continue;
+            visible[r] = static_cast<__mmask16>(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
+            lo_all = std::min(lo_all, lo);
+            hi_all = std::max(hi_all, hi);
+          }
+          if (hi_all < 0) continue;
+          for (int64_t g = 0; g < group; ++g) {
+            const uint16_t* rows[kTile];
+            for (int64_t r = 0; r < kTile; ++r)
+              rows[r] = q + ((query_starts[s] + i0 + std::min(r, num_rows - 1)) * num_heads + kh * group + g) * D;
+            attend_tile(blocks[g], rows, kt, vp, visible, lo_all >> 1, hi_all >> 1, D, scale);
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          alignas(64) float sums[kTile];
+          _mm512_store_ps(sums, blocks[g].sum);
+          for (int64_t r = 0; r < num_rows; ++r) {
+            uint16_t* o = out + ((query_starts[s] + i0 + r) * num_heads + kh * group + g) * D;
+            const float inv = 1.f / sums[r];
+            for (int64_t d = 0; d < D; ++d) {
+              const float value = blocks[g].acc[r * D + out_pos(d)] * inv;
+              uint32_t u;
+              std::memcpy(&u, &value, sizeof(u));
+              o[d] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
+bool paged_prefill_attention_available() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   const at::Tensor& query_starts, double scale, int64_t sliding_window) {
+  TORCH_CHECK(paged_prefill_attention_available(), "paged_prefill_attention needs AVX512-BF16");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  query_starts.scalar_type() == at::kInt, "int32 tables");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == 16 && k_cache.size(3) == head_dim && head_dim % 32 == 0 && head_dim <= 256,
+              "16-key blocks and head_dim a multiple of 32 (at most 256)");
+  TORCH_CHECK(num_heads % num_kv_heads == 0, "query heads must group over the kv heads");
+  auto qc = q.contiguous();
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  auto starts = query_starts.contiguous();
+  const int64_t num_seqs = lens.size(0);
+  TORCH_CHECK(tables.size(0) == num_seqs && starts.size(0) == num_seqs + 1, "one table, length and start per sequence");
+  auto out = at::empty_like(qc);
+#if defined(__AVX512BF16__)
+  auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+  prefill_attention(u16(qc), u16(k_cache), u16(v_cache), tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
+                    starts.data_ptr<int32_t>(), reinterpret_cast<uint16_t*>(out.data_ptr()), num_seqs, num_heads,
+                    num_kv_heads, head_dim, tables.size(1), static_cast<float>(scale), sliding_window);
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
+  m.def("paged_prefill_attention_available() -> bool");
+  m.impl("paged_prefill_attention_available", c10::DispatchKey::CompositeExplicitAutograd,
+         &paged_prefill_attention_available);
+  m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "Tensor query_starts, float scale, int sliding_window) -> Tensor");
+  m.impl("paged_prefill_attention", c10::DispatchKey::CPU, &paged_prefill_attention);
+}
