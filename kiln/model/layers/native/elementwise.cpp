@@ -95,8 +95,18 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       const uint16_t* gate = xp + t * 2 * I;
       const uint16_t* up = gate + I;
       uint16_t* row = op + t * I;
-#pragma omp simd
-      for (int64_t i = 0; i < I; ++i) {
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      // explicit 16-lane loop: the compiler's vectorization of the scalar one ran ~3x slower
+      for (; i + 16 <= I; i += 16) {
+        const __m512 g = kiln_native::load_bf16x16(gate + i);
+        const __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.f), kiln_native::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        const __m512 silu = kiln_native::round_bf16x16(_mm512_div_ps(g, denominator));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + i),
+                            kiln_native::to_bf16x16(_mm512_mul_ps(silu, kiln_native::load_bf16x16(up + i))));
+      }
+#endif
+      for (; i < I; ++i) {
         const float g = bf16_to_float(gate[i]);
         const float silu = round_bf16(g / (1.f + fast_exp(-g)));
         row[i] = float_to_bf16(silu * bf16_to_float(up[i]));

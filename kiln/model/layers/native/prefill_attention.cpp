@@ -27,33 +27,15 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "simd_math.h"
 
 namespace {
+
+using kiln_native::exp16;
 
 #if defined(__AVX512BF16__)
 constexpr int64_t kTile = 16;    // keys per cache block, and query positions per task
 constexpr int64_t kMaxDim = 256;  // head_dim bound of the fixed-size tile buffers
-
-// exp of 16 lanes: Cody-Waite reduction, degree-7 Taylor, scaled by 2^n (kiln_native::fast_exp's math)
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Where the V product keeps dimension d: in each run of 32, unpacklo/hi interleave within 128-bit
 // lanes, so lane L of the low half holds d = 8L..8L+3 and of the high half 8L+4..8L+7.
