@@ -13,6 +13,12 @@ import torch
 from kiln.sampling.metadata import SamplingMetadata
 
 
+def has_logits_processors(metadata: SamplingMetadata) -> bool:
+    """Whether any of steps 2-6 would change a logit in this batch."""
+    return (metadata.allowed_token_ids_mask is not None or bool(metadata.bad_words_token_ids)
+            or metadata.logit_bias is not None or bool(metadata.min_tokens) or not metadata.no_penalties)
+
+
 def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """Steps 2-6 of `Sampler`: allowed_token_ids, bad words, logit_bias, min_tokens, penalties."""
     if metadata.allowed_token_ids_mask is not None:

@@ -321,3 +321,17 @@ def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatc
     assert sampler_module.random_sample(probs.clone(), {}).tolist() == [3, 5]
     monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.fill_(0.0))
     assert sampler_module.random_sample(probs.clone(), {}).tolist() == [0, 5]
+
+
+def test_greedy_fast_path_on_bfloat16_logits_matches_argmax() -> None:
+    """All-greedy batches without processors take the argmax of the raw (here bfloat16) logits,
+    ties and NaN included, exactly as torch.argmax of the float32 logits picks."""
+    torch.manual_seed(3)
+    logits = torch.randint(-4, 4, (7, 300)).to(torch.bfloat16)  # many tied maxima
+    logits[2, 5] = float("nan")
+    logits[4] = float("-inf")
+    out = sample(logits, [row(SamplingParams(temperature=0.0)) for _ in range(7)])
+    assert torch.equal(out.sampled_token_ids, logits.float().argmax(dim=-1))
+    wide = torch.randn(3, 49152).to(torch.bfloat16)
+    assert torch.equal(sample(wide, [row(SamplingParams(temperature=0.0))] * 3).sampled_token_ids,
+                       wide.float().argmax(dim=-1))

@@ -11,7 +11,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -150,6 +152,61 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
+// [B, V] bfloat16 -> [B] int64: torch.argmax's answer (the first maximum; a NaN counts as the
+// maximum, the first one wins), one row per task. torch's CPU argmax reads a bfloat16 row at
+// ~1 element per ns; this is a vector max, then a vector search for its first occurrence.
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_bf16(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be [B, V] with V > 0");
+  auto xc = x.contiguous();
+  const int64_t B = xc.size(0), V = xc.size(1);
+  auto out = at::empty({B}, x.options().dtype(at::kLong));
+  const uint16_t* xp = bits(xc);
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint16_t* row = xp + b * V;
+      float best = -std::numeric_limits<float>::infinity();
+      int64_t i = 0;
+      bool has_nan = false;
+#if defined(__AVX512F__)
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __mmask16 nan_lanes = 0;
+      for (; i + 16 <= V; i += 16) {
+        const __m512 v = kiln_native::load_bf16x16(row + i);
+        nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, v);
+      }
+      has_nan = nan_lanes != 0;
+      best = _mm512_reduce_max_ps(vmax);
+#endif
+      for (; i < V; ++i) {
+        const float v = bf16_to_float(row[i]);
+        has_nan |= v != v;
+        best = std::max(best, v);
+      }
+      int64_t index = 0, j = 0;
+#if defined(__AVX512F__)
+      const __m512 target = _mm512_set1_ps(best);
+      for (; j + 16 <= V; j += 16) {
+        const __m512 v = kiln_native::load_bf16x16(row + j);
+        const __mmask16 hit = has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        if (hit) break;
+      }
+#endif
+      for (; j < V; ++j) {
+        const float v = bf16_to_float(row[j]);
+        if (has_nan ? v != v : v == best) {
+          index = j;
+          break;
+        }
+      }
+      op[b] = index;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
@@ -159,4 +216,6 @@ TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.impl("rotary", c10::DispatchKey::CPU, &rotary);
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.impl("argmax_rows", c10::DispatchKey::CPU, &argmax_rows);
 }
