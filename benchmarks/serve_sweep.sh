@@ -13,6 +13,10 @@ KILN=${KILN:-.venv/bin/kiln}
 PORT=${PORT:-8011}
 OUT_DIR=${OUT_DIR:-/tmp/kiln-sweep}
 mkdir -p "$OUT_DIR"
+if curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; then
+  echo "port $PORT already answers /health: stop that server first" >&2
+  exit 1
+fi
 start=$(date +%s.%N)
 if [ -n "${SERVER:-}" ]; then
   $SERVER > "$OUT_DIR/server.log" 2>&1 &
@@ -20,7 +24,8 @@ else
   $KILN serve --port "$PORT" --dtype bfloat16 --max-model-len 2048 "$@" > "$OUT_DIR/server.log" 2>&1 &
 fi
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+# wait for the server to exit, so that a sweep started right after finds the port free
+trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
   kill -0 $server 2>/dev/null || { tail -20 "$OUT_DIR/server.log"; exit 1; }
   sleep 0.2
