@@ -40,7 +40,7 @@ from kiln.model.layers import native
 class _Group:
     """Sequences attended together: all decode, or all prefill, in batch order."""
 
-    rows: torch.Tensor | None  # the group's query rows in the flattened batch; None when it is the whole batch
+    rows: slice | torch.Tensor | None  # the group's query rows in the flattened batch; None when it is the whole batch
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     tiles: torch.Tensor  # [num_seqs * kv_heads * num_blocks] rows of the cache viewed [blocks * kv_heads, tile]
     seq_lens: torch.Tensor  # [num_seqs] int32
@@ -82,13 +82,23 @@ def _build_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _S
     if len(decode) in (0, md.num_seqs):
         return _StepPlan(write_rows, [_group(md, None, None, heads, block_size)])
     prefill = [i for i, n in enumerate(md.query_lens_cpu) if n > 1]
-    query_lens = torch.tensor(md.query_lens_cpu, device=device)
-    is_decode_row = torch.repeat_interleave(query_lens == 1, query_lens, output_size=int(md.slot_mapping.shape[0]))
-    rows = (is_decode_row.nonzero().flatten(), (~is_decode_row).nonzero().flatten())
+    rows = (_rows_of(md.query_lens_cpu, decode, device), _rows_of(md.query_lens_cpu, prefill, device))
     return _StepPlan(write_rows, [_group(md, seqs, r, heads, block_size) for seqs, r in zip((decode, prefill), rows)])
 
 
-def _group(md: AttentionMetadata, seqs: list[int] | None, rows: torch.Tensor | None, heads: torch.Tensor,
+def _rows_of(query_lens: list[int], seqs: list[int], device: torch.device) -> slice | torch.Tensor:
+    """The flattened batch's query rows of `seqs`: a slice when the sequences are consecutive (the
+    scheduler puts running requests first, so decodes usually are), which makes gathering the
+    group's queries a view and scattering its outputs a plain copy."""
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    if seqs == list(range(seqs[0], seqs[-1] + 1)):
+        return slice(starts[seqs[0]], starts[seqs[-1] + 1])
+    return torch.tensor([r for i in seqs for r in range(starts[i], starts[i + 1])], device=device)
+
+
+def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Tensor | None, heads: torch.Tensor,
            block_size: int) -> _Group:
     query_lens = md.query_lens_cpu if seqs is None else [md.query_lens_cpu[i] for i in seqs]
     seq_lens_cpu = md.seq_lens_cpu if seqs is None else [md.seq_lens_cpu[i] for i in seqs]
