@@ -84,9 +84,9 @@ class Sampler(nn.Module):
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """argmax over each row of the raw logits [B, V] -> [B] int64, with no float32 copy first (the
     widening is exact, so the answer is the same); on CPU in bfloat16 through the native row
-    argmax (torch's reads a 64 x 49k batch in ~2 ms, the kernel in ~0.2)."""
+    argmax (torch's reads a 64 x 49k batch in ~2 ms, the kernel in ~0.13)."""
     ops = native.fused_bf16_ops(logits)
-    return ops.argmax_rows(logits) if ops is not None and logits.dim() == 2 else logits.argmax(dim=-1)
+    return ops.argmax_rows(logits) if ops is not None else logits.argmax(dim=-1)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -311,12 +311,11 @@ def test_to_logprobs_lists_slices_to_the_request_k() -> None:
 
 
 def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    """u * total can round up to the total itself: the draw then takes the last token of nonzero
-    probability, never a masked one after it (nor an index past the vocabulary)."""
+    """u * total can round up to the total itself (simulated: u = 1): the draw then takes the last
+    token of nonzero probability, never a masked one after it (nor an index past the vocabulary)."""
     from kiln.sampling import sampler as sampler_module
 
-    largest_below_one = 1.0 - 2.0 ** -53
-    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.fill_(largest_below_one))
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.fill_(1.0))
     probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
     assert sampler_module.random_sample(probs.clone(), {}).tolist() == [3, 5]
     monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.fill_(0.0))

@@ -25,6 +25,7 @@ must hold finite values (allocate them zero-filled): 0 * NaN would poison a row.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,9 +47,9 @@ class _Group:
     seq_lens: torch.Tensor  # [num_seqs] int32
     query_lens: list[int]
     key_len: int  # gathered keys per sequence: num_blocks * block_size
+    query_starts: torch.Tensor  # [num_seqs + 1] int32: each sequence's first row in the group's queries
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # sliding window -> mask
     valid: torch.Tensor | None = None  # prefill: [S, max_query_len] bool, which padded query slots are real
-    query_starts: torch.Tensor | None = None  # prefill kernel: [S + 1] int32, each sequence's first query row
 
     @property
     def num_seqs(self) -> int:
@@ -82,17 +83,16 @@ def _build_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _S
     if len(decode) in (0, md.num_seqs):
         return _StepPlan(write_rows, [_group(md, None, None, heads, block_size)])
     prefill = [i for i, n in enumerate(md.query_lens_cpu) if n > 1]
-    rows = (_rows_of(md.query_lens_cpu, decode, device), _rows_of(md.query_lens_cpu, prefill, device))
-    return _StepPlan(write_rows, [_group(md, seqs, r, heads, block_size) for seqs, r in zip((decode, prefill), rows)])
+    starts = [0, *itertools.accumulate(md.query_lens_cpu)]
+    return _StepPlan(write_rows, [_group(md, seqs, _rows_of(starts, seqs, device), heads, block_size)
+                                  for seqs in (decode, prefill)])
 
 
-def _rows_of(query_lens: list[int], seqs: list[int], device: torch.device) -> slice | torch.Tensor:
-    """The flattened batch's query rows of `seqs`: a slice when the sequences are consecutive (the
-    scheduler puts running requests first, so decodes usually are), which makes gathering the
-    group's queries a view and scattering its outputs a plain copy."""
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
+def _rows_of(starts: list[int], seqs: list[int], device: torch.device) -> slice | torch.Tensor:
+    """The flattened batch's query rows of `seqs` (`starts`: each sequence's first row, then the
+    total): a slice when the sequences are consecutive (the scheduler puts running requests first,
+    so decodes usually are), which makes gathering the group's queries a view and scattering its
+    outputs a plain copy."""
     if seqs == list(range(seqs[0], seqs[-1] + 1)):
         return slice(starts[seqs[0]], starts[seqs[-1] + 1])
     return torch.tensor([r for i in seqs for r in range(starts[i], starts[i + 1])], device=device)
@@ -109,7 +109,10 @@ def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Te
     num_blocks = -(-max(seq_lens_cpu) // block_size)
     blocks = block_tables[:, :num_blocks].long()  # [S, nb]
     tiles = (blocks[:, None, :] * heads.shape[0] + heads[None, :, None]).flatten()  # [S, KH, nb]
-    return _Group(rows, block_tables.contiguous(), tiles, seq_lens.int(), query_lens, num_blocks * block_size)
+    query_starts = md.query_start_loc if seqs is None else torch.tensor(
+        [0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=md.query_start_loc.device)
+    return _Group(rows, block_tables.contiguous(), tiles, seq_lens.int(), query_lens, num_blocks * block_size,
+                  query_starts)
 
 
 def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
@@ -163,7 +166,7 @@ class Attention(nn.Module):
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, self.scale,
                           self.sliding_window or 0)
         if group.max_query_len > 1 and (kernel := _prefill_kernel(q, k_cache)) is not None:
-            return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, _query_starts(group), self.scale,
+            return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, group.query_starts, self.scale,
                           self.sliding_window or 0)
         shape = (group.num_seqs, self.num_kv_heads, group.key_len, self.head_dim)
         keys = k_cache.view(-1, k_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
@@ -222,15 +225,6 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, scale={self.scale:g}"
-
-
-def _query_starts(group: _Group) -> torch.Tensor:
-    if group.query_starts is None:
-        starts = [0]
-        for n in group.query_lens:
-            starts.append(starts[-1] + n)
-        group.query_starts = torch.tensor(starts, dtype=torch.int32, device=group.seq_lens.device)
-    return group.query_starts
 
 
 def _valid_rows(group: _Group) -> torch.Tensor:

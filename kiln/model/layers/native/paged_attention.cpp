@@ -50,10 +50,7 @@ inline void load_floats(const c10::BFloat16* src, float* dst, int64_t n) {
 #if defined(__AVX512F__)
 // 16 cache values widened to float32 lanes, straight from the cache (no staging copy).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
+inline __m512 load16(const c10::BFloat16* p) { return kiln_native::load_bf16x16(reinterpret_cast<const uint16_t*>(p)); }
 template <typename T>
 constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 #else
@@ -120,7 +117,7 @@ inline void scores_of_tile16_bf16(const c10::BFloat16* q, const c10::BFloat16* k
 // acc += sum_t p[t] * v[t] over the rows t0..t1 of a 16-row bfloat16 tile, D a multiple of 32, with p
 // already bfloat16 values (held as float32). vdpbf16ps takes two keys at a time: the rows t and t + 1
 // interleaved element by element, times the pair (p[t], p[t + 1]). acc is kept in the interleaved
-// order (see pair_order_dim); rows outside t0..t1 get weight 0.
+// order (see kiln_native::pair_interleaved_pos); rows outside t0..t1 get weight 0.
 inline void accumulate_tile16_bf16(const float* p, const c10::BFloat16* v, float* acc, int64_t t0, int64_t t1,
                                    int64_t D) {
   alignas(64) float weights[16];
@@ -140,12 +137,6 @@ inline void accumulate_tile16_bf16(const float* p, const c10::BFloat16* v, float
   }
 }
 
-// Where accumulate_tile16_bf16 keeps dimension d: in each run of 32, unpacklo/hi interleave within
-// 128-bit lanes, so lane L of the low half holds d = 8L..8L+3 and of the high half 8L+4..8L+7.
-inline int64_t pair_order_pos(int64_t d) {
-  const int64_t base = d & ~int64_t{31}, r = d & 31;
-  return base + ((r >> 2) & 1) * 16 + (r >> 3) * 4 + (r & 3);
-}
 #endif
 
 // acc += sum_t p[t] * v[t] over the tile's rows, acc held in registers 16 lanes at a time.
@@ -206,8 +197,10 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
       const int32_t* table = block_tables + s * max_blocks;
       const T* qs = q + s * num_heads * D;
       probs.resize(num_heads * n);
-      load_floats(qs + h0 * D, qf.data() + h0 * D, heads_per_task * D);
-      for (int64_t i = h0 * D; i < h1 * D; ++i) qf[i] *= scale;
+      if (!bf16_tiles) {  // the float32 tile loops read a scaled float32 copy of q
+        load_floats(qs + h0 * D, qf.data() + h0 * D, heads_per_task * D);
+        for (int64_t i = h0 * D; i < h1 * D; ++i) qf[i] *= scale;
+      }
       // body(head h, its kv head's tile, offset of the tile's first key among the visible ones,
       // first and end row inside the tile) for the task's query heads and every visible block.
       auto for_each_tile = [&](const T* cache, auto&& body) {
@@ -285,7 +278,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
       T* os = out + s * num_heads * D;
       for (int64_t h = h0; h < h1; ++h)
         for (int64_t d = 0; d < D; ++d) {
-          const float value = acc[h * D + (bf16_tiles ? pair_order_pos(d) : d)];
+          const float value = acc[h * D + (bf16_tiles ? kiln_native::pair_interleaved_pos(d) : d)];
           os[h * D + d] = static_cast<T>(value / sums[h]);
         }
     }

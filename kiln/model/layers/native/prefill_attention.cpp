@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -37,15 +36,8 @@ using kiln_native::exp16;
 constexpr int64_t kTile = 16;    // keys per cache block, and query positions per task
 constexpr int64_t kMaxDim = 256;  // head_dim bound of the fixed-size tile buffers
 
-// Where the V product keeps dimension d: in each run of 32, unpacklo/hi interleave within 128-bit
-// lanes, so lane L of the low half holds d = 8L..8L+3 and of the high half 8L+4..8L+7.
-inline int64_t out_pos(int64_t d) {
-  const int64_t base = d & ~int64_t{31}, r = d & 31;
-  return base + ((r >> 2) & 1) * 16 + (r >> 3) * 4 + (r & 3);
-}
-
 // The running state of one query head's 16 rows (positions) of a task: row max and sum of the
-// rounded probabilities as 16 lanes, and the unnormalized outputs in the V product's order.
+// rounded probabilities as 16 lanes, and the unnormalized outputs in the V product's order (kiln_native::pair_interleaved_pos).
 struct RowBlock {
   __m512 max, sum;
   alignas(64) float acc[kTile * kMaxDim];
@@ -184,10 +176,7 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
             uint16_t* o = out + ((query_starts[s] + i0 + r) * num_heads + kh * group + g) * D;
             const float inv = 1.f / sums[r];
             for (int64_t d = 0; d < D; ++d) {
-              const float value = blocks[g].acc[r * D + out_pos(d)] * inv;
-              uint32_t u;
-              std::memcpy(&u, &value, sizeof(u));
-              o[d] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+              o[d] = kiln_native::float_to_bf16(blocks[g].acc[r * D + kiln_native::pair_interleaved_pos(d)] * inv);
             }
           }
         }
