@@ -156,7 +156,7 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[n, hidden_size] -> float32 logits [n, vocab_size]."""
+        """[n, hidden_size] -> logits [n, vocab_size] in the model dtype."""
         return self.lm_head(hidden_states)
 
     def checkpoint_name_to_param(self, name: str) -> tuple[str, int | str | None]:

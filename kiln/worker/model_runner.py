@@ -186,7 +186,7 @@ class ModelRunner:
         logprobs: dict[str, LogprobsLists] = {}
         if batch.sample_req_ids:
             logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampled, vocab]
-            self._apply_grammars(batch.sample_req_ids, logits)
+            logits = self._apply_grammars(batch.sample_req_ids, logits)
             metadata = SamplingMetadata.build(
                 self._sampling_rows(batch.sample_req_ids), self.vocab_size, self.device
             )
@@ -219,22 +219,25 @@ class ModelRunner:
             result[req_id] = LogprobsLists([ids[i][:width]], [lps[i][:width]], [ranks[i]])
         return result
 
-    def _apply_grammars(self, req_ids: list[str], logits: torch.Tensor) -> None:
-        """Mask each constrained request's row to the tokens its grammar allows next."""
+    def _apply_grammars(self, req_ids: list[str], logits: torch.Tensor) -> torch.Tensor:
+        """Mask each constrained request's row to the tokens its grammar allows next (on a float32
+        copy of the logits, the dtype xgrammar's CPU mask takes)."""
         rows = [i for i, r in enumerate(req_ids)
                 if (grammar := self.requests[r].grammar) is not None and grammar.constraining]
         if not rows:
-            return
+            return logits
+        logits = logits.float()
         bitmask = allocate_bitmask(len(req_ids), logits.shape[-1])
         for row in rows:
             self.requests[req_ids[row]].grammar.fill_bitmask(bitmask, row)  # type: ignore[union-attr]
         apply_bitmask(logits, bitmask, rows)
+        return logits
 
     def _prompt_logprobs(self, batch: _Batch, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         result = {}
         for req_id, (row0, num_rows, target0) in batch.prompt_logprob_rows.items():
             state = self.requests[req_id]
-            logits = self.model.compute_logits(hidden[row0:row0 + num_rows])
+            logits = self.model.compute_logits(hidden[row0:row0 + num_rows]).float()
             targets = torch.tensor(state.token_ids[target0:target0 + num_rows], device=self.device)
             k = state.sampling_params.prompt_logprobs
             ids, lps, ranks = gather_logprobs(torch.log_softmax(logits, dim=-1), k, targets)

@@ -89,7 +89,7 @@ def run_step(model: nn.Module, cache: PagedKVCache, step: Sequence[StepSeqLike])
     input_ids = torch.tensor([t for s in seqs for t in s.token_ids[s.num_computed:]], dtype=torch.int64)
     positions = torch.tensor([p for s in seqs for p in range(s.num_computed, len(s.token_ids))], dtype=torch.int64)
     with torch.inference_mode(), forward_context(cache.metadata(seqs)):
-        return model.compute_logits(model(input_ids, positions))
+        return model.compute_logits(model(input_ids, positions)).float()
 
 
 def hf_logits(hf_model: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:

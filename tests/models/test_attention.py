@@ -37,6 +37,7 @@ def decode_path(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
         monkeypatch.setattr(attention, "_prefill_kernel", lambda q, k_cache: None)
+        monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
     elif native.paged_decode_attention() is None:
         pytest.skip("the native kernels could not be built here")
     return request.param
@@ -49,6 +50,34 @@ def test_native_kernels_build_on_the_test_machine():
     if not env_native_kernels():
         pytest.skip("KILN_NATIVE_KERNELS=0")
     assert native.paged_decode_attention() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_cache_write_matches_index_copy(dtype):
+    """The native KV write reads k and v as strided views of a fused QKV output, as the models pass
+    them, and lands each token's heads where the torch path's index_copy_ does; padding slots (-1)
+    are skipped."""
+    writer = native.write_kv_cache()
+    if writer is None:
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(0)
+    num_blocks, block, head_dim, tokens = 6, 4, 8, 7
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * head_dim).to(dtype)
+    k = qkv[:, HEADS * head_dim:(HEADS + KV_HEADS) * head_dim]
+    v = qkv[:, (HEADS + KV_HEADS) * head_dim:]
+    slots = torch.randperm(num_blocks * block)[:tokens]
+    slots[3] = -1
+    shape = (num_blocks, KV_HEADS, block, head_dim)
+    k_cache, v_cache = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected_k[slot // block, :, slot % block] = k[t].view(KV_HEADS, head_dim)
+            expected_v[slot // block, :, slot % block] = v[t].view(KV_HEADS, head_dim)
+    writer(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        writer(k, v, k_cache, v_cache, torch.full((tokens,), num_blocks * block))
 
 
 @pytest.fixture(params=[None, 8], ids=["threads-default", "threads-8"])

@@ -115,6 +115,10 @@ def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Te
                   query_starts)
 
 
+def _cache_writer(k_cache: torch.Tensor) -> Callable[..., None] | None:
+    return native.write_kv_cache() if k_cache.device.type == "cpu" else None
+
+
 def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
     return native.paged_decode_attention() if device.type == "cpu" else None
 
@@ -146,11 +150,15 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is not bound: the worker must allocate KV caches before a forward.")
         k_cache, v_cache = self.kv_cache
-        plan = _step_plan(get_attn_metadata(), self.num_kv_heads, k_cache.shape[2])
+        md = get_attn_metadata()
+        plan = _step_plan(md, self.num_kv_heads, k_cache.shape[2])
         num_tokens = q.shape[0]
         # write first, so this step's own keys are visible to its queries
-        k_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, k.reshape(-1, self.head_dim))
-        v_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, v.reshape(-1, self.head_dim))
+        if (writer := _cache_writer(k_cache)) is not None:
+            writer(k, v, k_cache, v_cache, md.slot_mapping)
+        else:
+            k_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, k.reshape(-1, self.head_dim))
+            v_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, v.reshape(-1, self.head_dim))
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         if len(plan.groups) == 1:
             return self._attend(q, plan.groups[0]).reshape(num_tokens, -1)

@@ -28,7 +28,8 @@ from kiln.logger import init_logger
 logger = init_logger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_batch_linear.cpp", "elementwise.cpp")]
+            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_batch_linear.cpp", "elementwise.cpp",
+                         "cache_write.cpp")]
 # Row counts routed to the kernel: it beats oneDNN up to 4 rows here (1: 287 vs 485 us per layer of
 # SmolLM2-135M; 4: 392 vs 497; 8: 748 vs 597); the kernel itself takes up to 16 (kMaxRows)
 SMALL_BATCH_MAX_ROWS = 4
@@ -55,6 +56,7 @@ class _Kernels:
     """The ops resolved once, so the per-layer calls on the hot path do no lookups or dispatches."""
 
     paged_decode_attention: Callable[..., torch.Tensor]
+    write_kv_cache: Callable[..., None]
     paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
     small_batch_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
     ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
@@ -73,7 +75,7 @@ def load() -> bool:
                 if _load():
                     ops = torch.ops.kiln_native
                     _kernels = _Kernels(
-                        ops.paged_decode_attention,
+                        ops.paged_decode_attention, ops.write_kv_cache,
                         ops.paged_prefill_attention if ops.paged_prefill_attention_available() else None,
                         ops.small_batch_linear if ops.small_batch_linear_available() else None, ops)
                 _resolved = True
@@ -118,6 +120,11 @@ def fused_bf16_ops(x: torch.Tensor) -> Any | None:
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
     """The decode-attention kernel (see paged_attention.cpp), or None where it is unavailable."""
     return _kernels.paged_decode_attention if load() else None  # type: ignore[union-attr]
+
+
+def write_kv_cache() -> Callable[..., None] | None:
+    """The KV cache write (see cache_write.cpp), or None where the kernels are unavailable."""
+    return _kernels.write_kv_cache if load() else None  # type: ignore[union-attr]
 
 
 def paged_prefill_attention() -> Callable[..., torch.Tensor] | None:
