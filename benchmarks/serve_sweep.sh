@@ -3,7 +3,8 @@
 # tokens, ignore_eos), the workload of the vLLM-CPU reference numbers in benchmarks/README.md.
 # Each concurrency level draws its own prompts (seed = concurrency): with one seed the later runs
 # would find the earlier runs' prompts in the prefix cache and skip their prefill.
-# Prints startup time (launch to /health OK), the server's peak RSS and one line per concurrency.
+# Prints startup time (launch to /health OK; for kiln also until its KV cache is faulted in, which
+# it does while idle), the server's peak RSS and one line per concurrency.
 # Usage: benchmarks/serve_sweep.sh [extra kiln serve flags...]   (results in $OUT_DIR, default /tmp/kiln-sweep)
 # A peer server instead of kiln: SERVER="vllm serve /path/to/model --port 8011 ..." benchmarks/serve_sweep.sh
 # (it must listen on $PORT; the same kiln bench serve client loads it).
@@ -31,6 +32,12 @@ until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
   sleep 0.2
 done
 echo "startup to /health OK: $(echo "$(date +%s.%N) - $start" | bc) s"
+if [ -z "${SERVER:-}" ]; then
+  # kiln faults its KV cache in while idle (vLLM zero-fills its own during startup): measure the
+  # warm server, and say how long warming took
+  for _ in $(seq 600); do grep -q "KV cache memory fully faulted in\|stays lazily mapped" "$OUT_DIR/server.log" && break; sleep 0.2; done
+  echo "KV cache faulted in: $(echo "$(date +%s.%N) - $start" | bc) s after launch"
+fi
 for conc in 1 16 64; do
   prompts=$(( conc == 1 ? 8 : 64 ))
   $KILN bench serve --base-url "http://127.0.0.1:$PORT" --num-prompts $prompts --random-input-len 256 \

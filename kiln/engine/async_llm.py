@@ -6,7 +6,9 @@ RequestOutputs as they are produced; leaving the iterator early (a client discon
 the task) aborts the request, which returns its KV blocks. The engine thread owns all engine
 state: additions and aborts reach it through a queue and are applied between steps, so the
 event loop never waits for a step. An exception escaping a step kills the engine: every open
-request gets EngineDeadError and later calls fail fast.
+request gets EngineDeadError and later calls fail fast. While no request is in flight the thread
+faults in KV cache memory ahead of use, one short piece at a time (`EngineCore.do_idle_work`), so
+a request that arrives then waits ~10 ms at most.
 
 The engine is also *built* on its thread. OpenMP gives every thread that starts parallel work its
 own team of workers; had the model been loaded on the main thread, that idle team would count
@@ -166,12 +168,16 @@ class AsyncLLM:
         loop.call_soon_threadsafe(stream.put_nowait, item)
 
     def _run(self) -> None:
+        idle_work = True
         while not self._stopped:
             try:
                 applied = self._apply_commands()
                 if not self.engine.has_unfinished_requests():
                     if applied:
                         self.engine.record_stats()  # e.g. the last request was just aborted
+                    if idle_work and not self._work.is_set():  # a short piece, then look for requests again
+                        idle_work = self.engine.do_idle_work()
+                        continue
                     self._work.wait(timeout=1.0)
                     self._work.clear()
                     continue

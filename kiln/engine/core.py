@@ -68,6 +68,11 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def do_idle_work(self) -> bool:
+        """Work for the gaps between requests (faulting in KV cache memory ahead of use), one short
+        piece per call; False when there is none left."""
+        return self.worker.prefault_kv_cache_chunk()
+
     def step(self) -> list[EngineCoreOutput]:
         """Run one step; returns the outputs of every request that progressed or finished."""
         if not self.scheduler.has_unfinished_requests():

@@ -80,6 +80,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 
+    def do_idle_work(self) -> bool:
+        """See EngineCore.do_idle_work: for a caller with time on its hands (the async front)."""
+        return self.core.do_idle_work()
+
     def start_profile(self) -> None:
         """Trace the steps from now on (needs KILN_TORCH_PROFILER_DIR); call from the stepping thread."""
         self.profiler.start()

@@ -7,8 +7,6 @@ attention layer to its K/V tensors, and hands steps to the model runner.
 
 from __future__ import annotations
 
-import math
-import mmap
 import time
 
 import torch
@@ -22,6 +20,7 @@ from kiln.model.layers.attention import Attention
 from kiln.model.layers import native
 from kiln.model.layers.cpu_gemm import pack_model_weights
 from kiln.model.loader import load_model
+from kiln.worker.cpu_kv_memory import CpuKVMemory
 from kiln.worker.model_runner import ModelRunner
 
 logger = init_logger(__name__)
@@ -86,8 +85,9 @@ class Worker:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         mc, cache = self.config.model_config, self.config.cache_config
         shape = (num_blocks, mc.num_kv_heads, cache.block_size, mc.head_dim)  # see model/layers/attention.py
+        self.kv_memory = CpuKVMemory()
         for layer in self.attn_layers:
-            layer.kv_cache = (_zeros(shape, mc.torch_dtype, self.device), _zeros(shape, mc.torch_dtype, self.device))
+            layer.kv_cache = (self._zeros(shape, mc.torch_dtype), self._zeros(shape, mc.torch_dtype))
         num_tokens = num_blocks * cache.block_size
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); maximum concurrency at %d tokens "
@@ -96,21 +96,14 @@ class Worker:
             mc.max_model_len, num_tokens / mc.max_model_len,
         )
 
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return self.kv_memory.zeros(shape, dtype)  # lazily mapped; see cpu_kv_memory
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
 
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled cache tensor. On CPU the memory is an anonymous mapping, whose pages the OS
-    maps as zeros on first touch (a 4 GiB cache costs neither seconds of memset at startup nor
-    resident memory before requests fill it), advised onto transparent huge pages: attention reads
-    tiles scattered over the whole cache, and with 4 KiB pages nearly every tile was a TLB miss."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if num_bytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    region = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)
+    def prefault_kv_cache_chunk(self) -> bool:
+        """Idle work: fault in the next chunk of CPU KV cache memory; False when none is left."""
+        return self.kv_memory.prefault_chunk()

@@ -4,6 +4,7 @@ disconnect) aborting the request and returning its blocks, shutdown answering ev
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -78,3 +79,19 @@ def test_shutdown_answers_requests_in_flight(engine):
 
     asyncio.run(main())
     assert not engine.engine.has_unfinished_requests()
+
+
+def test_idle_engine_faults_in_its_kv_cache_and_still_serves(engine):
+    """Between requests the engine thread faults its CPU KV cache in, and a request arriving
+    meanwhile is served as usual."""
+    memory = engine.engine.core.worker.kv_memory
+
+    async def one():
+        return await _collect(engine, "Hello", SamplingParams(temperature=0, max_tokens=4), "during")
+
+    outputs = asyncio.run(one())
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 4
+    deadline = time.monotonic() + 60
+    while not memory.fully_prefaulted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert memory.fully_prefaulted
