@@ -37,7 +37,7 @@ class Worker:
             native.load()  # build (first run on this machine) or load the CPU kernels now, not mid-request
         num_packed = pack_model_weights(self.model)
         if num_packed:
-            logger.info("Packed %d bfloat16 weight matrices for oneDNN", num_packed)
+            logger.info("Packed %d bfloat16 weight matrices (see model/layers/cpu_gemm.py)", num_packed)
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.model_runner = ModelRunner(config, self.model, self.device, eos_token_id)

@@ -1,6 +1,7 @@
-"""oneDNN-packed bfloat16 weights: the packed model must give bitwise the logits of the dense one
-(the packing is a layout change, not an approximation), tied or not, prefill and decode; the
-native small-batch kernel must round like a bfloat16 product (checked against float32)."""
+"""Packed bfloat16 weights on CPU: the native pair-packed kernel rounds like a bfloat16 product
+(checked against float32) for every shape class it tiles; the packed model stays at bfloat16-level
+agreement with the dense one, tied or not; and the oneDNN fallback layout gives bitwise the dense
+logits (it is a layout change, not an approximation)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 import transformers
 
 from kiln.config import LoadConfig, ModelConfig
-from kiln.model.layers import native
-from kiln.model.layers.cpu_gemm import can_pack, keeps_dense_copy, pack_model_weights
+from kiln.model.layers import cpu_gemm, native
+from kiln.model.layers.cpu_gemm import can_pack, pack_model_weights
 from kiln.model.loader import load_model
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -18,7 +19,7 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
 TOKENS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(3)).tolist()
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(2, 2, dtype=torch.bfloat16)),
-                                reason="this CPU has no oneDNN bfloat16 support")
+                                reason="this CPU has neither the native kernels nor oneDNN bfloat16 support")
 
 
 def _load(path) -> torch.nn.Module:
@@ -28,24 +29,45 @@ def _load(path) -> torch.nn.Module:
 
 
 def _two_steps(model, make_kv_cache, run_step) -> torch.Tensor:
+    """A prefill step of two sequences, then a mixed step: one decode row and a chunk."""
     cache = make_kv_cache(model)
     first = run_step(model, cache, [(0, TOKENS[0][:9], 0), (1, TOKENS[1][:4], 0)])
     second = run_step(model, cache, [(0, TOKENS[0][:10], 9), (1, TOKENS[1], 4)])
     return torch.cat([first, second])
 
 
+@pytest.fixture
+def onednn_layout(monkeypatch):
+    """Pack for oneDNN, as on a CPU without AVX512-BF16."""
+    monkeypatch.setattr(cpu_gemm, "_pair_kernel", lambda: None)
+    if not can_pack(torch.zeros(2, 2, dtype=torch.bfloat16)):
+        pytest.skip("no oneDNN bfloat16 support")
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_packed_weights_give_bitwise_the_dense_logits(tied, tmp_path, make_kv_cache, run_step):
+def test_packed_model_agrees_with_the_dense_one(tied, tmp_path, make_kv_cache, run_step):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=tied)).save_pretrained(tmp_path)
     dense, packed = _load(tmp_path), _load(tmp_path)
     # 2 layers x (qkv, o, gate_up, down) + the LM head
     assert pack_model_weights(packed) == 9
     assert pack_model_weights(packed) == 0  # idempotent
-    # the dense copy stays only for the small-batch kernel (and a tied embedding)
-    assert (packed.model.layers[0].mlp.down_proj.weight.numel() > 0) == keeps_dense_copy()
+    # the dense weights are dropped, except a tied embedding's (the lookup reads it)
+    assert packed.model.layers[0].mlp.down_proj.weight.numel() == 0
     assert packed.model.embed_tokens.weight.numel() > 0
-    assert (packed.lm_head.weight.numel() > 0) == (tied or keeps_dense_copy())
+    assert (packed.lm_head.weight.numel() > 0) == tied
+    expected, got = _two_steps(dense, make_kv_cache, run_step), _two_steps(packed, make_kv_cache, run_step)
+    if native.pair_packed_linear() is None:  # the oneDNN layout: the very same products
+        assert torch.equal(got, expected)
+    else:  # another float32 summation order: bfloat16-level differences, compounded over 2 layers
+        assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_onednn_layout_gives_bitwise_the_dense_logits(onednn_layout, tmp_path, make_kv_cache, run_step):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(tmp_path)
+    dense, packed = _load(tmp_path), _load(tmp_path)
+    assert pack_model_weights(packed) == 9
     assert torch.equal(_two_steps(packed, make_kv_cache, run_step), _two_steps(dense, make_kv_cache, run_step))
 
 
@@ -57,35 +79,29 @@ def test_float32_weights_stay_dense(tmp_path):
     assert pack_model_weights(load_model(config, LoadConfig())) == 0
 
 
-@pytest.mark.parametrize("rows,in_features", [(1, 64), (3, 100), (4, 576), (16, 40)])
-def test_small_batch_kernel_rounds_like_a_bfloat16_product(rows, in_features):
-    kernel = native.small_batch_linear()
+# rows: below, at and past one 8-row register tile, several tiles with a remainder; out features:
+# whole 48-output panels, a 16-output tail block, a partial block; odd in features (a padded pair)
+@pytest.mark.parametrize("rows,in_features,out_features", [
+    (1, 64, 96), (3, 101, 40), (8, 576, 960), (9, 64, 50), (17, 40, 16), (64, 128, 100), (130, 66, 144)])
+def test_pair_packed_kernel_rounds_like_a_bfloat16_product(rows, in_features, out_features):
+    kernel = native.pair_packed_linear()
     if kernel is None:
-        pytest.skip("no native small-batch kernel on this machine")
+        pytest.skip("no AVX512-BF16 kernels on this machine")
     torch.manual_seed(0)
-    x, weight = torch.randn(rows, in_features).bfloat16(), torch.randn(72, in_features).bfloat16()
-    bias = torch.randn(72).bfloat16()
-    exact = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
-    got = kernel(x, weight, bias)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 72)
-    # float32 accumulation, one rounding of the product and one of the bias add: within 2 bf16 ulps
-    assert ((got.float() - exact).abs() <= 2 * 2.0 ** -7 * exact.abs().clamp(min=1.0)).all()
-    strided = torch.randn(rows, 2 * in_features).bfloat16()[:, ::2]
-    assert torch.equal(kernel(strided, weight, None), kernel(strided.contiguous(), weight, None))
-
-
-def test_decode_step_through_the_small_batch_kernel_stays_close(tmp_path, make_kv_cache, run_step):
-    """A 1-row decode step (the kernel's case) against the dense F.linear model: bf16-level agreement."""
-    if not keeps_dense_copy():
-        pytest.skip("no native small-batch kernel on this machine")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(tmp_path)
-    dense, packed = _load(tmp_path), _load(tmp_path)
-    pack_model_weights(packed)
-    logits = []
-    for model in (dense, packed):
-        cache = make_kv_cache(model)
-        run_step(model, cache, [(0, TOKENS[0][:9], 0)])
-        logits.append(run_step(model, cache, [(0, TOKENS[0][:10], 9)]))
-    scale = logits[0].abs().max()
-    assert (logits[1] - logits[0]).abs().max() <= 0.05 * scale
+    x, weight = torch.randn(rows, in_features).bfloat16(), torch.randn(out_features, in_features).bfloat16()
+    bias = torch.randn(out_features).bfloat16()
+    packed = native.pack_weight_pairs(weight)
+    for b in (None, bias):
+        exact = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+        got = kernel(x, packed, b, out_features)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+        # float32 sums (another order than torch's) rounded to bfloat16 once: within one bf16 ulp
+        assert ((got.float() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-3 * in_features ** 0.5).all()
+    strided = torch.randn(rows, 2 * in_features).bfloat16()
+    assert torch.equal(kernel(strided[:, ::2], packed, None, out_features),
+                       kernel(strided[:, ::2].contiguous(), packed, None, out_features))
+    assert torch.equal(kernel(strided[:, :in_features], packed, None, out_features),
+                       kernel(strided[:, :in_features].contiguous(), packed, None, out_features))
+    assert kernel(x[:0], packed, None, out_features).shape == (0, out_features)
+    with pytest.raises(RuntimeError, match="features"):
+        kernel(x[:, 1:3], packed, None, out_features)

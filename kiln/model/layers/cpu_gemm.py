@@ -1,19 +1,24 @@
-"""oneDNN pre-packed weights for bfloat16 matmuls on CPU.
+"""Pre-packed bfloat16 weights for CPU matmuls.
 
-`F.linear` in bfloat16 reorders the weight into oneDNN's blocked layout on every call; with few
-rows (decode) that reorder costs more than the product itself (measured here: a 576x3072 product
-at 1 row takes 260 us through `F.linear` and 145 us packed, the speed of merely reading the
-weight from memory; the 49152-row LM head 6.3 ms against ~2.3 ms). Packing once at load time
-removes it and gives bitwise the same results, so it is on wherever oneDNN supports bfloat16.
+`F.linear` in bfloat16 hands the weight to oneDNN, which reorders it into its blocked layout on
+every call; with few rows (decode) that reorder costs more than the product itself. So bfloat16
+weights are packed once, at load:
+
+- Where the CPU has AVX512-BF16, into key pairs for the native kernel (native/pair_packed_linear.cpp).
+  It beats oneDNN's own packed products at every batch size measured here, with the weights
+  streamed from memory as in a step (SmolLM2-135M, all layers plus the LM head): 7.5 against
+  12.3 ms at 1 row, 13.8 against 18.7 at 16, 43.5 against 48.5 at 64, 1.35 against 1.41 s at
+  2048 (426-431 GFLOP/s, ~95 % of the machine's peak). One layout serves decode and prefill, so
+  the dense weight is dropped (a tied embedding keeps it for the lookup).
+- Elsewhere, where oneDNN supports bfloat16, into oneDNN's layout (`_reorder_linear_weight`), which
+  gives bitwise the results of `F.linear`.
+
 Float32 keeps `F.linear` (MKL), the path the parity tests pin to transformers.
-
-Where the native small-batch kernel exists (AVX512-BF16), the dense weight is kept beside the
-packed one and products of at most 4 rows (decode at low concurrency) read it through the kernel,
-at about twice oneDNN's speed there (see native/small_batch_linear.cpp). The cost is a second copy
-of the weights in memory: speed over memory, as the workloads of this engine on CPU are small models.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,28 +26,30 @@ from torch import nn
 from kiln.model.layers import native
 
 
+def _pair_kernel() -> Callable[..., torch.Tensor] | None:
+    return native.pair_packed_linear()
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        return False
+    return _pair_kernel() is not None or (
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] dense -> an opaque oneDNN tensor for `packed_linear` (a copy: `weight` may be freed)."""
+    """[out, in] dense -> the packed weight `packed_linear` takes (a copy: `weight` may be freed)."""
+    if _pair_kernel() is not None:
+        return native.pack_weight_pairs(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
-def keeps_dense_copy() -> bool:
-    """Whether packed layers keep their dense weight for the small-batch kernel."""
-    return native.small_batch_linear() is not None
-
-
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                  dense: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ W^T + bias with W packed by `pack_weight` (and `dense`, possibly empty, its plain copy)."""
-    if x.dim() == 2 and x.shape[0] <= native.SMALL_BATCH_MAX_ROWS and dense.numel():
-        kernel = native.small_batch_linear()
-        if kernel is not None:
-            return kernel(x, dense, bias)
+                  out_features: int) -> torch.Tensor:
+    """x [..., in] @ W^T + bias with W packed by `pack_weight`."""
+    if (kernel := _pair_kernel()) is not None:
+        out = kernel(x.reshape(-1, x.shape[-1]), packed, bias, out_features)
+        return out.view(*x.shape[:-1], out_features)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

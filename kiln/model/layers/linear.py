@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import InvalidRequestError
-from kiln.model.layers.cpu_gemm import can_pack, keeps_dense_copy, pack_weight, packed_linear
+from kiln.model.layers.cpu_gemm import can_pack, pack_weight, packed_linear
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -25,8 +25,8 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with W [output_size, input_size] loaded as is (and packed for oneDNN after
-    loading on CPU in bfloat16; see cpu_gemm for when the dense copy stays)."""
+    """y = x W^T + b, with W [output_size, input_size] loaded as is (and packed after loading on
+    CPU in bfloat16, the dense copy dropped; see cpu_gemm)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -38,14 +38,14 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         self.packed_weight: torch.Tensor | None = None
+        self.packed_out_features = 0
 
     def pack_weights(self) -> bool:
-        """Swap the dense weight for a oneDNN-packed copy where that pays (see cpu_gemm)."""
+        """Swap the dense weight for a packed copy where that pays (see cpu_gemm)."""
         if self.packed_weight is not None or not can_pack(self.weight):
             return False
-        self.packed_weight = pack_weight(self.weight.data)
-        if not keeps_dense_copy():
-            self.weight.data = self.weight.data.new_empty(0)
+        self.packed_weight, self.packed_out_features = pack_weight(self.weight.data), self.weight.shape[0]
+        self.weight.data = self.weight.data.new_empty(0)
         return True
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
@@ -53,7 +53,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            return packed_linear(x, self.packed_weight, self.bias, self.weight)
+            return packed_linear(x, self.packed_weight, self.bias, self.packed_out_features)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -28,11 +28,8 @@ from kiln.logger import init_logger
 logger = init_logger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_batch_linear.cpp", "elementwise.cpp",
-                         "cache_write.cpp")]
-# Row counts routed to the kernel: it beats oneDNN up to 4 rows here (1: 287 vs 485 us per layer of
-# SmolLM2-135M; 4: 392 vs 497; 8: 748 vs 597); the kernel itself takes up to 16 (kMaxRows)
-SMALL_BATCH_MAX_ROWS = 4
+            for name in ("paged_attention.cpp", "prefill_attention.cpp", "elementwise.cpp",
+                         "cache_write.cpp", "pair_packed_linear.cpp")]
 # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it; the math flags let the compiler
 # reassociate reductions (no -ffinite-math-only: the kernels rely on -inf)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
@@ -58,7 +55,7 @@ class _Kernels:
     paged_decode_attention: Callable[..., torch.Tensor]
     write_kv_cache: Callable[..., None]
     paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
-    small_batch_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
+    pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
     ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
 
 
@@ -77,7 +74,7 @@ def load() -> bool:
                     _kernels = _Kernels(
                         ops.paged_decode_attention, ops.write_kv_cache,
                         ops.paged_prefill_attention if ops.paged_prefill_attention_available() else None,
-                        ops.small_batch_linear if ops.small_batch_linear_available() else None, ops)
+                        ops.pair_packed_linear if ops.pair_packed_linear_available() else None, ops)
                 _resolved = True
     return _kernels is not None
 
@@ -103,10 +100,16 @@ def _load() -> bool:
     return True
 
 
-def small_batch_linear() -> Callable[..., torch.Tensor] | None:
-    """x [M <= SMALL_BATCH_MAX_ROWS, K] @ W^T (+ bias) in bfloat16 (see small_batch_linear.cpp), or None
-    where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
-    return _kernels.small_batch_linear if load() else None  # type: ignore[union-attr]
+def pair_packed_linear() -> Callable[..., torch.Tensor] | None:
+    """x [M, K] @ W^T (+ bias) in bfloat16 with W from `pack_weight_pairs` (see pair_packed_linear.cpp),
+    or None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
+    return _kernels.pair_packed_linear if load() else None  # type: ignore[union-attr]
+
+
+def pack_weight_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bfloat16 -> the key-pair layout `pair_packed_linear` reads (needs the kernels)."""
+    assert _kernels is not None, "the native kernels are not loaded"
+    return _kernels.ops.pack_weight_pairs(weight)
 
 
 def fused_bf16_ops(x: torch.Tensor) -> Any | None:
