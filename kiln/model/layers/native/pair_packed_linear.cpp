@@ -66,9 +66,11 @@ at::Tensor pack_weight_pairs(const at::Tensor& weight) {
 #if defined(__AVX512BF16__)
 
 // Rows [0, R) of x times blocks [0, NB) of the panel starting at `w`; writes out[m][0, width).
+// Meanwhile prefetches `ahead_lines` cache lines from `ahead` (the next panel) into L2.
 template <int R, int NB>
 inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t pairs, const float* bias,
-                       uint16_t* out, int64_t out_stride, int64_t width) {
+                       uint16_t* out, int64_t out_stride, int64_t width, const uint16_t* ahead, int64_t ahead_lines) {
+  const int64_t lines_per_pair = (ahead_lines + pairs - 1) / pairs;
   __m512 acc[R][NB];
 #pragma GCC unroll 8
   for (int m = 0; m < R; ++m)
@@ -79,6 +81,8 @@ inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, i
     __m512bh wv[NB];
 #pragma GCC unroll 3
     for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * block_stride + p * 2 * kBlock);
+    for (int64_t line = p * lines_per_pair; line < std::min((p + 1) * lines_per_pair, ahead_lines); ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + line * 2 * kBlock), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) {
       int32_t pair;
@@ -103,22 +107,29 @@ inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, i
   }
 }
 
+// All rows against one panel. The first tile reads the panel from memory, later ones from cache;
+// the last tile also prefetches the next panel (`ahead_lines` lines at `ahead`), so that the next
+// first tile finds it in L2 and the memory stream overlaps computing instead of stalling it.
 template <int NB>
 void panel_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t pairs, const float* bias,
-                uint16_t* out, int64_t out_stride, int64_t width) {
+                uint16_t* out, int64_t out_stride, int64_t width, const uint16_t* ahead, int64_t ahead_lines) {
+  const int64_t last_full = rows % kTileRows ? rows : rows - kTileRows;  // the tile that prefetches
   int64_t m = 0;
-  for (; m + kTileRows <= rows; m += kTileRows)
-    panel_tile<kTileRows, NB>(x + m * x_stride, x_stride, w, pairs, bias, out + m * out_stride, out_stride, width);
+  for (; m + kTileRows <= rows; m += kTileRows) {
+    const bool last = m == last_full;
+    panel_tile<kTileRows, NB>(x + m * x_stride, x_stride, w, pairs, bias, out + m * out_stride, out_stride, width,
+                              ahead, last ? ahead_lines : 0);
+  }
   const uint16_t* xs = x + m * x_stride;
   uint16_t* os = out + m * out_stride;
   switch (rows - m) {
-    case 7: panel_tile<7, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width); break;
-    case 6: panel_tile<6, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width); break;
-    case 5: panel_tile<5, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width); break;
-    case 4: panel_tile<4, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width); break;
-    case 3: panel_tile<3, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width); break;
-    case 2: panel_tile<2, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width); break;
-    case 1: panel_tile<1, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width); break;
+    case 7: panel_tile<7, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
+    case 6: panel_tile<6, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
+    case 5: panel_tile<5, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
+    case 4: panel_tile<4, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
+    case 3: panel_tile<3, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
+    case 2: panel_tile<2, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
+    case 1: panel_tile<1, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
     default: break;
   }
 }
@@ -161,9 +172,12 @@ at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
       const int64_t width = std::min(nb * kBlock, out_features - col);
       const uint16_t* w = wp + b0 * block_elems;
       const float* pb = bp != nullptr ? bp + col : nullptr;
-      if (nb == 3) panel_rows<3>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width);
-      else if (nb == 2) panel_rows<2>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width);
-      else panel_rows<1>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width);
+      // the next panel of this thread (64-byte lines; none after its last)
+      const int64_t ahead_lines = panel + 1 < end ? std::min(kPanel, blocks - b0 - nb) * pairs : 0;
+      const uint16_t* ahead = w + nb * block_elems;
+      if (nb == 3) panel_rows<3>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width, ahead, ahead_lines);
+      else if (nb == 2) panel_rows<2>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width, ahead, ahead_lines);
+      else panel_rows<1>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width, ahead, ahead_lines);
     }
   });
 #endif
