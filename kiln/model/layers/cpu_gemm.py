@@ -48,8 +48,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
                   out_features: int) -> torch.Tensor:
     """x [..., in] @ W^T + bias with W packed by `pack_weight`."""
     if (kernel := _pair_kernel()) is not None:
-        out = kernel(x.reshape(-1, x.shape[-1]), packed, bias, out_features)
-        return out.view(*x.shape[:-1], out_features)
+        if x.dim() == 2:  # the models' case: no reshape (it would copy a strided view)
+            return kernel(x, packed, bias, out_features)
+        return kernel(x.reshape(-1, x.shape[-1]), packed, bias, out_features).view(*x.shape[:-1], out_features)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

@@ -159,7 +159,11 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
 }
 
 // A block's tiles (all kv heads, contiguous) sit at an address unrelated to the previous block's,
-// out of reach of the hardware prefetcher: ask for the next block while this one is computed on.
+// out of reach of the hardware prefetcher: ask for the next block (into L1) while this one is
+// computed on, and for the one kFarBlocks ahead into L2, so that more of DRAM's latency overlaps
+// (30 layers of decode attention over 64 x 320 keys, medians of interleaved runs: 37.1 -> 30.4 ms
+// with scattered blocks, 29.6 -> 26.8 with consecutive ones; 2, 3, 4 and 6 ahead measured alike).
+constexpr int64_t kFarBlocks = 4;
 template <typename T>
 inline void prefetch_bytes(const T* start, int64_t elements) {
   const char* bytes = reinterpret_cast<const char*>(start);
@@ -210,13 +214,17 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
           const T* tiles = cache + table[b] * block;
           const bool more = (b + 1) * block_size < len;
           const char* next = more ? reinterpret_cast<const char*>(cache + table[b + 1] * block + span_start) : nullptr;
+          const char* far = (b + kFarBlocks) * block_size < len
+                                ? reinterpret_cast<const char*>(cache + table[b + kFarBlocks] * block + span_start)
+                                : nullptr;
           for (int64_t h = h0; h < h1; ++h) {
             // a share of the next block's lines per head, so that the prefetches interleave with
             // the arithmetic instead of queueing up behind a full miss buffer
+            const int64_t l0 = (h - h0) * lines_per_head, l1 = std::min(span_lines, (h - h0 + 1) * lines_per_head);
             if (next != nullptr)
-              for (int64_t line = (h - h0) * lines_per_head; line < std::min(span_lines, (h - h0 + 1) * lines_per_head);
-                   ++line)
-                __builtin_prefetch(next + line * 64);
+              for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(next + line * 64);
+            if (far != nullptr)
+              for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(far + line * 64, 0, 2);
             body(h, tiles + (h / group) * tile, b * block_size - first, t0, t1);
           }
         }
