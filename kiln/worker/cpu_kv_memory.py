@@ -19,8 +19,10 @@ the same faults itself, on both cores.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
+import os
 
 import torch
 
@@ -29,6 +31,7 @@ from kiln.logger import init_logger
 logger = init_logger(__name__)
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python's mmap module does not name it
+_libc = ctypes.CDLL(None, use_errno=True)
 CHUNK_BYTES = 2 << 20  # one huge page: one prefault call stalls the engine for ~10 ms at most here
 
 
@@ -37,6 +40,7 @@ class CpuKVMemory:
 
     def __init__(self) -> None:
         self.regions: list[mmap.mmap] = []
+        self._addresses: list[int] = []
         self._offset = 0  # the next chunk is [offset, offset + CHUNK_BYTES) of regions[index]
         self._index = 0
         self._done = False
@@ -49,8 +53,10 @@ class CpuKVMemory:
         region = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             region.madvise(mmap.MADV_HUGEPAGE)
+        tensor = torch.frombuffer(region, dtype=torch.uint8)
         self.regions.append(region)
-        return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)
+        self._addresses.append(tensor.data_ptr())
+        return tensor.view(dtype).view(shape)
 
     @property
     def fully_prefaulted(self) -> bool:
@@ -62,10 +68,13 @@ class CpuKVMemory:
             return False
         region = self.regions[self._index]
         if self._offset < len(region):
-            try:
-                region.madvise(MADV_POPULATE_WRITE, self._offset, min(CHUNK_BYTES, len(region) - self._offset))
-            except (OSError, ValueError) as exc:  # a kernel before 5.14: pages stay lazily mapped
-                logger.info("KV cache memory stays lazily mapped (MADV_POPULATE_WRITE: %s)", exc)
+            # through ctypes, which lets go of the GIL for the ~10 ms the call can take (mmap.madvise
+            # holds it, and the server's event loop, even its startup, would wait)
+            length = min(CHUNK_BYTES, len(region) - self._offset)
+            if _libc.madvise(ctypes.c_void_p(self._addresses[self._index] + self._offset), ctypes.c_size_t(length),
+                             MADV_POPULATE_WRITE) != 0:  # e.g. EINVAL before Linux 5.14: pages stay lazily mapped
+                logger.info("KV cache memory stays lazily mapped (MADV_POPULATE_WRITE: %s)",
+                            os.strerror(ctypes.get_errno()))
                 self._done = True
                 return False
         self._index += 1
