@@ -25,6 +25,7 @@ must hold finite values (allocate them zero-filled): 0 * NaN would poison a row.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,10 +44,11 @@ class _Group:
 
     rows: slice | torch.Tensor | None  # the group's query rows in the flattened batch; None when it is the whole batch
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    tiles: torch.Tensor  # [num_seqs * kv_heads * num_blocks] rows of the cache viewed [blocks * kv_heads, tile]
     seq_lens: torch.Tensor  # [num_seqs] int32
     query_lens: list[int]
-    key_len: int  # gathered keys per sequence: num_blocks * block_size
+    num_blocks: int  # blocks of the longest sequence
+    num_kv_heads: int
+    block_size: int
     query_starts: torch.Tensor  # [num_seqs + 1] int32: each sequence's first row in the group's queries
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # sliding window -> mask
     valid: torch.Tensor | None = None  # prefill: [S, max_query_len] bool, which padded query slots are real
@@ -59,11 +61,34 @@ class _Group:
     def max_query_len(self) -> int:
         return max(self.query_lens)
 
+    @property
+    def key_len(self) -> int:
+        """Gathered keys per sequence (the torch path)."""
+        return self.num_blocks * self.block_size
+
+    @functools.cached_property
+    def tiles(self) -> torch.Tensor:
+        """[num_seqs * kv_heads * num_blocks] rows of the cache viewed [blocks * kv_heads, tile], for
+        the torch path's gather (built on first use: the native kernels read the block tables)."""
+        blocks = self.block_tables[:, :self.num_blocks].long()  # [S, nb]
+        heads = torch.arange(self.num_kv_heads, device=blocks.device)
+        return (blocks[:, None, :] * self.num_kv_heads + heads[None, :, None]).flatten()  # [S, KH, nb]
+
 
 @dataclass
 class _StepPlan:
-    write_rows: torch.Tensor  # [num_tokens * kv_heads] rows of the cache viewed [slots * kv_heads, head_dim]
+    slot_mapping: torch.Tensor
+    num_kv_heads: int
+    block_size: int
     groups: list[_Group]
+
+    @functools.cached_property
+    def write_rows(self) -> torch.Tensor:
+        """[num_tokens * kv_heads] rows of the cache viewed [slots * kv_heads, head_dim] where the
+        step's keys and values go, for the torch path's index_copy_ (the native write takes slots)."""
+        block, offset = self.slot_mapping // self.block_size, self.slot_mapping % self.block_size
+        heads = torch.arange(self.num_kv_heads, device=block.device)
+        return ((block[:, None] * self.num_kv_heads + heads) * self.block_size + offset[:, None]).flatten()
 
 
 def _step_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _StepPlan:
@@ -76,16 +101,15 @@ def _step_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _St
 
 def _build_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _StepPlan:
     device = md.slot_mapping.device
-    heads = torch.arange(num_kv_heads, device=device)
-    block, offset = md.slot_mapping // block_size, md.slot_mapping % block_size
-    write_rows = ((block[:, None] * num_kv_heads + heads) * block_size + offset[:, None]).flatten()
     decode = [i for i, n in enumerate(md.query_lens_cpu) if n == 1]
     if len(decode) in (0, md.num_seqs):
-        return _StepPlan(write_rows, [_group(md, None, None, heads, block_size)])
-    prefill = [i for i, n in enumerate(md.query_lens_cpu) if n > 1]
-    starts = [0, *itertools.accumulate(md.query_lens_cpu)]
-    return _StepPlan(write_rows, [_group(md, seqs, _rows_of(starts, seqs, device), heads, block_size)
-                                  for seqs in (decode, prefill)])
+        groups = [_group(md, None, None, num_kv_heads, block_size)]
+    else:
+        prefill = [i for i, n in enumerate(md.query_lens_cpu) if n > 1]
+        starts = [0, *itertools.accumulate(md.query_lens_cpu)]
+        groups = [_group(md, seqs, _rows_of(starts, seqs, device), num_kv_heads, block_size)
+                  for seqs in (decode, prefill)]
+    return _StepPlan(md.slot_mapping, num_kv_heads, block_size, groups)
 
 
 def _rows_of(starts: list[int], seqs: list[int], device: torch.device) -> slice | torch.Tensor:
@@ -98,7 +122,7 @@ def _rows_of(starts: list[int], seqs: list[int], device: torch.device) -> slice 
     return torch.tensor([r for i in seqs for r in range(starts[i], starts[i + 1])], device=device)
 
 
-def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Tensor | None, heads: torch.Tensor,
+def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Tensor | None, num_kv_heads: int,
            block_size: int) -> _Group:
     query_lens = md.query_lens_cpu if seqs is None else [md.query_lens_cpu[i] for i in seqs]
     seq_lens_cpu = md.seq_lens_cpu if seqs is None else [md.seq_lens_cpu[i] for i in seqs]
@@ -106,13 +130,10 @@ def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Te
     if seqs is not None:
         index = torch.tensor(seqs, device=block_tables.device)
         block_tables, seq_lens = block_tables[index], seq_lens[index]
-    num_blocks = -(-max(seq_lens_cpu) // block_size)
-    blocks = block_tables[:, :num_blocks].long()  # [S, nb]
-    tiles = (blocks[:, None, :] * heads.shape[0] + heads[None, :, None]).flatten()  # [S, KH, nb]
     query_starts = md.query_start_loc if seqs is None else torch.tensor(
         [0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=md.query_start_loc.device)
-    return _Group(rows, block_tables.contiguous(), tiles, seq_lens.int(), query_lens, num_blocks * block_size,
-                  query_starts)
+    return _Group(rows, block_tables.contiguous(), seq_lens.int(), query_lens, -(-max(seq_lens_cpu) // block_size),
+                  num_kv_heads, block_size, query_starts)
 
 
 def _cache_writer(k_cache: torch.Tensor) -> Callable[..., None] | None:

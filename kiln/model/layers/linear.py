@@ -38,13 +38,12 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         self.packed_weight: torch.Tensor | None = None
-        self.packed_out_features = 0
 
     def pack_weights(self) -> bool:
         """Swap the dense weight for a packed copy where that pays (see cpu_gemm)."""
         if self.packed_weight is not None or not can_pack(self.weight):
             return False
-        self.packed_weight, self.packed_out_features = pack_weight(self.weight.data), self.weight.shape[0]
+        self.packed_weight = pack_weight(self.weight.data)
         self.weight.data = self.weight.data.new_empty(0)
         return True
 
@@ -53,7 +52,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            return packed_linear(x, self.packed_weight, self.bias, self.packed_out_features)
+            return packed_linear(x, self.packed_weight, self.bias, self.output_size)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
