@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kiln.model.forward_context import forward_context
-from kiln.model.layers import attention, native
+from kiln.model.layers import attention, kv_layout, native
 from kiln.model.layers.attention import Attention
 
 HEADS, KV_HEADS = 6, 2
@@ -36,7 +36,7 @@ def decode_path(request, monkeypatch):
     """Attend through the native CPU kernels (where the shape fits them), or through the torch backend."""
     if request.param == "torch":
         monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
-        monkeypatch.setattr(attention, "_prefill_kernel", lambda q, k_cache: None)
+        monkeypatch.setattr(attention, "_prefill_kernel", lambda pairs_layout: None)
         monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
     elif native.paged_decode_attention() is None:
         pytest.skip("the native kernels could not be built here")
@@ -74,10 +74,41 @@ def test_native_cache_write_matches_index_copy(dtype):
         if slot >= 0:
             expected_k[slot // block, :, slot % block] = k[t].view(KV_HEADS, head_dim)
             expected_v[slot // block, :, slot % block] = v[t].view(KV_HEADS, head_dim)
-    writer(k, v, k_cache, v_cache, slots)
+    writer(k, v, k_cache, v_cache, slots, False)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        writer(k, v, k_cache, v_cache, torch.full((tokens,), num_blocks * block))
+        writer(k, v, k_cache, v_cache, torch.full((tokens,), num_blocks * block), False)
+
+
+def test_pairs_layout_places_each_value_where_the_layout_says():
+    """Key t, dimension d of a pairs-layout tile sits at ((d // 2) * 16 + t) * 2 + d % 2, value t, d at
+    ((t // 2) * D + d) * 2 + t % 2 (the layout's definition, element by element); the torch writer,
+    the native writer and the torch readers agree with it."""
+    torch.manual_seed(0)
+    num_blocks, block, head_dim, tokens = 5, 16, 64, 23
+    key = torch.randn(tokens, KV_HEADS * head_dim).to(torch.bfloat16)
+    value = torch.randn(tokens, KV_HEADS * head_dim).to(torch.bfloat16)
+    slots = torch.randperm(num_blocks * block)[:tokens]
+    shape = (num_blocks, KV_HEADS, block, head_dim)
+    k_cache, v_cache = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)
+    kv_layout.write_pairs(k_cache, v_cache, key, value, slots)
+    k_tiles, v_tiles = k_cache.view(num_blocks, KV_HEADS, -1), v_cache.view(num_blocks, KV_HEADS, -1)
+    for t, slot in enumerate(slots.tolist()):
+        b, offset = divmod(slot, block)
+        for h in range(KV_HEADS):
+            for d in (0, 1, 17, head_dim - 1):
+                assert k_tiles[b, h, ((d // 2) * block + offset) * 2 + d % 2] == key[t, h * head_dim + d]
+                assert v_tiles[b, h, ((offset // 2) * head_dim + d) * 2 + offset % 2] == value[t, h * head_dim + d]
+    key_rows = kv_layout.pairs_keys_as_rows(k_tiles.transpose(0, 1), head_dim)  # [KH, blocks * 16, D]
+    value_rows = kv_layout.pairs_values_as_rows(v_tiles.transpose(0, 1), head_dim)
+    assert torch.equal(key_rows[:, slots].transpose(0, 1).flatten(1), key)
+    assert torch.equal(value_rows[:, slots].transpose(0, 1).flatten(1), value)
+    writer = native.write_kv_cache()
+    if writer is None or not native.pairs_layout_available():
+        pytest.skip("the native pairs-layout kernels do not run here")
+    native_k, native_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    writer(key, value, native_k, native_v, slots, True)
+    assert torch.equal(native_k, k_cache) and torch.equal(native_v, v_cache)
 
 
 @pytest.fixture(params=[None, 8], ids=["threads-default", "threads-8"])

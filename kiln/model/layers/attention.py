@@ -2,10 +2,11 @@
 
 Layout (shared by every backend): per layer, K and V caches [num_blocks, num_kv_heads, block_size,
 head_dim]; token slot = block_id * block_size + offset. One (block, kv head) pair is a contiguous
-[block_size, head_dim] tile, so gathering a sequence's tiles yields [num_kv_heads, keys, head_dim]
-directly, the operand of a batched matmul, with no transpose copy (a token-major layout made
-the gather a strided copy that cost more than the attention itself). The worker binds
-`Attention.kv_cache` after allocating the caches.
+tile of block_size keys (a token-major layout made the gather a strided copy that cost more than
+the attention itself). Inside a tile the keys lie as rows ([block_size, head_dim]: gathering a
+sequence's tiles yields the operand of a batched matmul directly) or, for bfloat16 CPU caches the
+AVX512-BF16 kernels read, as vdpbf16ps operand pairs (kv_layout.py); binding `Attention.kv_cache`
+(the worker does after allocating the caches) decides which.
 
 This file holds the portable torch backend (CPU, and the reference on any device). Everything
 that depends only on the step's shape (the gather index, the write index, masks, which rows
@@ -15,7 +16,7 @@ decode) is built once per step in a `_StepPlan` and shared by all layers:
 | --- | --- |
 | decode (query len 1), CPU | native kernel (native/paged_attention.cpp): K tiles read in place for the scores, a float32 softmax, V tiles read in place for the sum |
 | decode, elsewhere or without the kernel | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
-| prefill chunks, bfloat16 CPU | native kernel (native/prefill_attention.cpp): flash-style over 16-key tiles read in place, masked tiles skipped |
+| prefill chunks, pairs layout | native kernel (native/prefill_attention.cpp): flash-style over 16-key tiles read in place, masked tiles skipped |
 | prefill chunks, elsewhere | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
 
 Decode rows are attended apart from prefill rows, so a long prefill chunk never pads a batch of
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.model.forward_context import AttentionMetadata, get_attn_metadata
-from kiln.model.layers import native
+from kiln.model.layers import kv_layout, native
 
 
 @dataclass
@@ -144,13 +145,9 @@ def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
     return native.paged_decode_attention() if device.type == "cpu" else None
 
 
-def _prefill_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """The native prefill kernel where its shape fits: bfloat16 on CPU, 16-key blocks, head_dim a
-    multiple of 32 up to 256."""
-    head_dim = q.shape[-1]
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k_cache.shape[2] != 16 or head_dim % 32 or head_dim > 256:
-        return None
-    return native.paged_prefill_attention()
+def _prefill_kernel(pairs_layout: bool) -> Callable[..., torch.Tensor] | None:
+    """The native prefill kernel, which reads pairs-layout caches."""
+    return native.paged_prefill_attention() if pairs_layout else None
 
 
 class Attention(nn.Module):
@@ -165,7 +162,18 @@ class Attention(nn.Module):
         self.group = num_heads // num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
-        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pairs_layout = False
+
+    @property
+    def kv_cache(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, caches: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Bind this layer's (K, V) caches, fresh or zero-filled: their layout follows from them."""
+        self._kv_cache = caches
+        self.pairs_layout = caches is not None and kv_layout.uses_pairs_layout(caches[0])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.kv_cache is None:
@@ -176,7 +184,9 @@ class Attention(nn.Module):
         num_tokens = q.shape[0]
         # write first, so this step's own keys are visible to its queries
         if (writer := _cache_writer(k_cache)) is not None:
-            writer(k, v, k_cache, v_cache, md.slot_mapping)
+            writer(k, v, k_cache, v_cache, md.slot_mapping, self.pairs_layout)
+        elif self.pairs_layout:
+            kv_layout.write_pairs(k_cache, v_cache, k, v, md.slot_mapping)
         else:
             k_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, k.reshape(-1, self.head_dim))
             v_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, v.reshape(-1, self.head_dim))
@@ -193,16 +203,24 @@ class Attention(nn.Module):
         k_cache, v_cache = self.kv_cache  # type: ignore[misc]
         if group.max_query_len == 1 and (kernel := _decode_kernel(q.device)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, self.scale,
-                          self.sliding_window or 0)
-        if group.max_query_len > 1 and (kernel := _prefill_kernel(q, k_cache)) is not None:
+                          self.sliding_window or 0, self.pairs_layout)
+        if group.max_query_len > 1 and (kernel := _prefill_kernel(self.pairs_layout)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, group.query_starts, self.scale,
                           self.sliding_window or 0)
+        keys, values = self._gather(k_cache, group), self._gather(v_cache, group)
+        if self.pairs_layout:
+            keys = kv_layout.pairs_keys_as_rows(keys, self.head_dim)
+            values = kv_layout.pairs_values_as_rows(values, self.head_dim)
         shape = (group.num_seqs, self.num_kv_heads, group.key_len, self.head_dim)
-        keys = k_cache.view(-1, k_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
-        values = v_cache.view(-1, v_cache.shape[2] * self.head_dim).index_select(0, group.tiles).view(shape)
+        keys, values = keys.view(shape), values.view(shape)
         if group.max_query_len == 1:
             return self._decode(q, keys, values, group)
         return self._prefill(q, keys, values, group)
+
+    def _gather(self, cache: torch.Tensor, group: _Group) -> torch.Tensor:
+        """The group's tiles, [num_seqs, kv_heads, blocks, block_size * head_dim] (the torch path)."""
+        tiles = cache.view(-1, cache.shape[2] * self.head_dim).index_select(0, group.tiles)
+        return tiles.view(group.num_seqs, self.num_kv_heads, group.num_blocks, -1)
 
     def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: _Group) -> torch.Tensor:
         num_seqs, key_len = group.num_seqs, group.key_len

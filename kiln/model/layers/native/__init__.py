@@ -54,7 +54,7 @@ class _Kernels:
 
     paged_decode_attention: Callable[..., torch.Tensor]
     write_kv_cache: Callable[..., None]
-    paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
+    paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16 (as the pairs layout)
     pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
     ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
 
@@ -130,7 +130,13 @@ def write_kv_cache() -> Callable[..., None] | None:
     return _kernels.write_kv_cache if load() else None  # type: ignore[union-attr]
 
 
+def pairs_layout_available() -> bool:
+    """Whether the kernels that read and write the pairs KV cache layout (kv_layout.py) run here
+    (they need AVX512-BF16)."""
+    return load() and _kernels.paged_prefill_attention is not None  # type: ignore[union-attr]
+
+
 def paged_prefill_attention() -> Callable[..., torch.Tensor] | None:
-    """The bfloat16 prefill-attention kernel (see prefill_attention.cpp: 16-key blocks, head_dim a
-    multiple of 32), or None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
+    """The bfloat16 prefill-attention kernel over pairs-layout caches (see prefill_attention.cpp), or
+    None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
     return _kernels.paged_prefill_attention if load() else None  # type: ignore[union-attr]

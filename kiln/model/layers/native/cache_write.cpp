@@ -4,7 +4,9 @@
 // after copying k and v out of the fused QKV output (they are strided views of it). On CPU each
 // `index_copy_` costs ~40-90 us per layer even for 16-64 tokens, ~6 ms of a 64-sequence decode
 // step over 30 layers; this kernel reads the strided rows in place and copies each head's row
-// to its slot, a few microseconds per layer.
+// to its slot, a few microseconds per layer. In the pairs layout (kv_layout.py: bfloat16 16-key
+// blocks, K tiles [D/2][16][2], V tiles [8][D][2]) a K row lands as D/2 pairs 64 bytes apart and
+// a V row in every other bfloat16 of its key pair's run.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,10 +22,21 @@ void check_source(const at::Tensor& x, const at::Tensor& cache, const char* name
   TORCH_CHECK(x.size(1) == cache.size(1) * cache.size(3), name, " width must be kv_heads * head_dim of the cache");
 }
 
+// One token's kv head rows into its (block, offset) of a pairs-layout tile (D even).
+inline void write_pairs(const uint16_t* k, const uint16_t* v, uint16_t* k_tile, uint16_t* v_tile, int64_t offset,
+                        int64_t D) {
+  constexpr int64_t kBlock = 16;
+  const uint32_t* k_pairs = reinterpret_cast<const uint32_t*>(k);
+  uint32_t* k_dst = reinterpret_cast<uint32_t*>(k_tile) + offset;
+  for (int64_t p = 0; p < D / 2; ++p) k_dst[p * kBlock] = k_pairs[p];
+  uint16_t* v_dst = v_tile + (offset / 2) * 2 * D + (offset % 2);
+  for (int64_t d = 0; d < D; ++d) v_dst[2 * d] = v[d];
+}
+
 // key/value [T, KH * D] (rows may be strided), caches [blocks, KH, block_size, D] contiguous,
 // slot_mapping [T] int64 (block * block_size + offset; a negative slot is a padding token, skipped).
 void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& slot_mapping) {
+                    const at::Tensor& slot_mapping, bool pairs_layout) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes(),
               "caches must be contiguous [blocks, kv_heads, block_size, head_dim] of one shape");
@@ -33,6 +46,8 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
                   slot_mapping.size(0) == key.size(0) && value.size(0) == key.size(0),
               "slot_mapping must be int64 [tokens] and match key and value");
   const int64_t T = key.size(0), KH = k_cache.size(1), BS = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(!pairs_layout || (k_cache.scalar_type() == at::kBFloat16 && BS == 16 && D % 2 == 0),
+              "the pairs layout needs bfloat16 caches with 16-key blocks and an even head_dim");
   const int64_t num_slots = k_cache.size(0) * BS;
   const int64_t elem = k_cache.element_size(), row_bytes = D * elem;
   auto slots = slot_mapping.contiguous();
@@ -50,6 +65,15 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
       const int64_t slot = slot_ptr[t];
       if (slot < 0) continue;
       const int64_t block = slot / BS, offset = slot % BS;
+      if (pairs_layout) {
+        for (int64_t h = 0; h < KH; ++h) {
+          const int64_t tile = ((block * KH + h) * BS) * row_bytes;
+          write_pairs(reinterpret_cast<const uint16_t*>(kp + t * k_stride + h * row_bytes),
+                      reinterpret_cast<const uint16_t*>(vp + t * v_stride + h * row_bytes),
+                      reinterpret_cast<uint16_t*>(kc + tile), reinterpret_cast<uint16_t*>(vc + tile), offset, D);
+        }
+        continue;
+      }
       for (int64_t h = 0; h < KH; ++h) {
         const int64_t dst = ((block * KH + h) * BS + offset) * row_bytes;
         std::memcpy(kc + dst, kp + t * k_stride + h * row_bytes, row_bytes);
@@ -62,6 +86,6 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
-  m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, bool pairs_layout) -> ()");
   m.impl("write_kv_cache", c10::DispatchKey::CPU, &write_kv_cache);
 }

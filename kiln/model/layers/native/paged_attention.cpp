@@ -6,13 +6,17 @@
 // attention runs at about the speed of reading the cache. One task per sequence: a block's tiles of
 // all kv heads are one contiguous read, and a GQA group of query heads shares every tile.
 //
-// bfloat16 caches with 16-key blocks and head_dim a multiple of 32 take the vdpbf16ps path
-// (AVX512-BF16): scores of a whole tile at once with no per-key horizontal sum, probabilities
-// rounded to bfloat16 (as transformers' eager attention rounds them) and multiplied with V two keys
-// per instruction. It computes all 16 rows of a tile and drops those outside the visible range,
-// which must therefore hold finite values (the caches are zero-filled; reused blocks hold old keys).
+// Two tile layouts (see kv_layout.py):
+// - rows, any dtype and block size: a tile is [block_size][D]; float32 arithmetic on widened values.
+// - pairs, bfloat16 16-key blocks with D a multiple of 32 (AVX512-BF16): a K tile is [D/2][16][2],
+//   so the 16 scores of a tile accumulate in the lanes of D/2 vdpbf16ps with no horizontal sums,
+//   and a V tile is [8][D][2], two keys per vdpbf16ps weighted by one pair of probabilities. Up to
+//   four query heads of a GQA group share each load. Probabilities are rounded to bfloat16 (as
+//   transformers' eager attention rounds them). A tile's 16 keys are all computed and those outside
+//   the visible range dropped, so caches must hold finite values (zero-filled; reused blocks hold
+//   old keys).
 //
-// Layout: q [S, H, D]; caches [num_blocks, KH, block_size, D]; block_tables [S, max_blocks] int32;
+// Shapes: q [S, H, D]; caches [num_blocks, KH, block_size, D]; block_tables [S, max_blocks] int32;
 // seq_lens [S] int32 (keys visible to the sequence's query, its own included); out [S, H, D].
 // sliding_window <= 0 means none; otherwise only the last `sliding_window` keys are visible.
 
@@ -58,7 +62,7 @@ template <typename T>
 constexpr bool kVectorized = false;
 #endif
 
-// scores[t] = q . k[t] for the tile's rows t0..t1 (k: the cache tile, row-major [t][D]).
+// scores[t] = q . k[t] for the rows t0..t1 of a rows-layout tile ([t][D]).
 template <typename T>
 inline void scores_of_tile(const float* q, const T* k, float* scores, int64_t t0, int64_t t1, int64_t D) {
 #if defined(__AVX512F__)
@@ -81,65 +85,7 @@ inline void scores_of_tile(const float* q, const T* k, float* scores, int64_t t0
   }
 }
 
-#if defined(__AVX512BF16__)
-// Lane i of the result: the sum of the 16 lanes of a[m] with m = the i-th entry of kSum16Order.
-// (Four folding rounds of shuffles and adds, instead of 16 horizontal reductions.)
-constexpr int kSum16Order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-inline __m512 sum16(const __m512* a) {
-  __m512 b[8], c[4];
-  for (int j = 0; j < 8; ++j)
-    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 8], 0x44), _mm512_shuffle_f32x4(a[j], a[j + 8], 0xEE));
-  for (int j = 0; j < 4; ++j)
-    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[j], b[j + 4], 0x88), _mm512_shuffle_f32x4(b[j], b[j + 4], 0xDD));
-  const __m512 d0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
-  const __m512 d1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
-  return _mm512_add_ps(_mm512_shuffle_ps(d0, d1, 0x44), _mm512_shuffle_ps(d0, d1, 0xEE));
-}
-
-// scores[t] = scale * (q . k[t]) for the rows t0..t1 of a 16-row bfloat16 tile, D a multiple of 32:
-// products of bfloat16 pairs (exact in float32) summed in float32 by vdpbf16ps on the cache as it
-// lies, all 16 rows at once (the rows outside t0..t1 are computed and dropped: they are finite).
-inline void scores_of_tile16_bf16(const c10::BFloat16* q, const c10::BFloat16* k, float* scores, int64_t t0,
-                                  int64_t t1, int64_t D, float scale) {
-  __m512 partial[16];
-  for (int m = 0; m < 16; ++m) {
-    const c10::BFloat16* kr = k + kSum16Order[m] * D;
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(kr + d));
-    partial[m] = a;
-  }
-  alignas(64) float row[16];
-  _mm512_store_ps(row, _mm512_mul_ps(sum16(partial), _mm512_set1_ps(scale)));
-  for (int64_t t = t0; t < t1; ++t) scores[t] = row[t];
-}
-
-// acc += sum_t p[t] * v[t] over the rows t0..t1 of a 16-row bfloat16 tile, D a multiple of 32, with p
-// already bfloat16 values (held as float32). vdpbf16ps takes two keys at a time: the rows t and t + 1
-// interleaved element by element, times the pair (p[t], p[t + 1]). acc is kept in the interleaved
-// order (see kiln_native::pair_interleaved_pos); rows outside t0..t1 get weight 0.
-inline void accumulate_tile16_bf16(const float* p, const c10::BFloat16* v, float* acc, int64_t t0, int64_t t1,
-                                   int64_t D) {
-  alignas(64) float weights[16];
-  for (int t = 0; t < 16; ++t) weights[t] = (t >= t0 && t < t1) ? p[t] : 0.f;
-  alignas(32) uint32_t pairs[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(weights)));
-  for (int64_t d = 0; d < D; d += 32) {
-    __m512 lo = _mm512_loadu_ps(acc + d), hi = _mm512_loadu_ps(acc + d + 16);
-    for (int j = 0; j < 8; ++j) {
-      const __m512i r0 = _mm512_loadu_si512(v + (2 * j) * D + d), r1 = _mm512_loadu_si512(v + (2 * j + 1) * D + d);
-      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pairs[j]));
-      lo = _mm512_dpbf16_ps(lo, w, (__m512bh)_mm512_unpacklo_epi16(r0, r1));
-      hi = _mm512_dpbf16_ps(hi, w, (__m512bh)_mm512_unpackhi_epi16(r0, r1));
-    }
-    _mm512_storeu_ps(acc + d, lo);
-    _mm512_storeu_ps(acc + d + 16, hi);
-  }
-}
-
-#endif
-
-// acc += sum_t p[t] * v[t] over the tile's rows, acc held in registers 16 lanes at a time.
+// acc += sum_t p[t] * v[t] over the rows t0..t1 of a rows-layout tile, acc 16 lanes at a time.
 template <typename T>
 inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, int64_t t1, int64_t D) {
 #if defined(__AVX512F__)
@@ -158,9 +104,85 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
     for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * static_cast<float>(v[t * D + d]);
 }
 
+constexpr int64_t kPairBlock = 16;  // keys per block in the pairs layout
+constexpr int64_t kMaxHeadsAtOnce = 4;  // query heads sharing each tile load (8 score chains, 8 V accumulators)
+
+#if defined(__AVX512BF16__)
+
+// Both tile loops below take `ahead`, the same tile kPairsAheadBlocks blocks on (or null), and ask
+// for two of its lines (into L2) per iteration: the tile has D/2 lines and each loop D/4
+// iterations. Issued in bursts between tiles, as the rows path does, the prefetches found the miss
+// buffers full and came to nothing (30 layers of 64 x 320 keys, scattered blocks: 41 ms with them,
+// 40 without, 26 interleaved 4 blocks ahead, 21 two ahead; the rows kernel took 30-33 alongside).
+constexpr int64_t kPairsAheadBlocks = 2;
+inline void prefetch_two_lines(const char* ahead, int64_t iteration) {
+  if (ahead != nullptr) {
+    __builtin_prefetch(ahead + iteration * 128, 0, 2);
+    __builtin_prefetch(ahead + iteration * 128 + 64, 0, 2);
+  }
+}
+
+// Raw scores of a pairs-layout K tile ([D/2][16] uint32) for NH query heads (q: each head's D/2
+// bfloat16 pairs): lane t of out[i] = q_i . k[t]. Two chains per head hide vdpbf16ps's latency.
+template <int NH>
+inline void pair_tile_scores(const uint32_t* const* q, const uint32_t* kt, int64_t pairs, __m512* out,
+                             const char* ahead) {
+  __m512 even[NH], odd[NH];
+  for (int i = 0; i < NH; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p += 2) {
+    prefetch_two_lines(ahead, p / 2);
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + p * kPairBlock);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt + (p + 1) * kPairBlock);
+    for (int i = 0; i < NH; ++i) {
+      even[i] = _mm512_dpbf16_ps(even[i], k0, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(q[i][p])));
+      odd[i] = _mm512_dpbf16_ps(odd[i], k1, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(q[i][p + 1])));
+    }
+  }
+  for (int i = 0; i < NH; ++i) out[i] = _mm512_add_ps(even[i], odd[i]);
+}
+
+// acc_i += sum_t p_i[t] * v[t] over a pairs-layout V tile ([8][D] uint32) for NH query heads
+// (w[i]: head i's 16 probabilities as 8 bfloat16 pairs; acc: NH rows of D floats, natural order).
+template <int NH>
+inline void pair_tile_accumulate(const uint32_t (*w)[kPairBlock / 2], const uint32_t* vt, float* acc, int64_t D,
+                                 const char* ahead) {
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512 lo[NH], hi[NH];
+    for (int i = 0; i < NH; ++i) {
+      lo[i] = _mm512_loadu_ps(acc + i * D + d);
+      hi[i] = _mm512_loadu_ps(acc + i * D + d + 16);
+    }
+    for (int64_t j = 0; j < kPairBlock / 2; ++j) {
+      prefetch_two_lines(ahead, d / 4 + j);
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vt + j * D + d);
+      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vt + j * D + d + 16);
+      for (int i = 0; i < NH; ++i) {
+        const __m512bh weight = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w[i][j]));
+        lo[i] = _mm512_dpbf16_ps(lo[i], v0, weight);
+        hi[i] = _mm512_dpbf16_ps(hi[i], v1, weight);
+      }
+    }
+    for (int i = 0; i < NH; ++i) {
+      _mm512_storeu_ps(acc + i * D + d, lo[i]);
+      _mm512_storeu_ps(acc + i * D + d + 16, hi[i]);
+    }
+  }
+}
+
+template <typename F>
+inline void with_heads_at_once(int64_t nh, F&& f) {
+  switch (nh) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+#endif
+
 // A block's tiles (all kv heads, contiguous) sit at an address unrelated to the previous block's,
-// out of reach of the hardware prefetcher: ask for the next block (into L1) while this one is
-// computed on, and for the one kFarBlocks ahead into L2, so that more of DRAM's latency overlaps
+// out of reach of the hardware prefetcher. The rows path asks for the next block (into L1) while
+// this one is computed on, and for the one kFarBlocks ahead into L2, so that more of DRAM's latency overlaps
 // (30 layers of decode attention over 64 x 320 keys, medians of interleaved runs: 37.1 -> 30.4 ms
 // with scattered blocks, 29.6 -> 26.8 with consecutive ones; 2, 3, 4 and 6 ahead measured alike).
 constexpr int64_t kFarBlocks = 4;
@@ -170,132 +192,210 @@ inline void prefetch_bytes(const T* start, int64_t elements) {
   for (int64_t i = 0; i < elements * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i);
 }
 
+// One task's share of the work: a sequence, or (with fewer sequences than threads) a range of its
+// kv heads with their query heads. `span` is the task's part of a block (contiguous), which the
+// rows path prefetches for the next blocks in `steps` slices, one per unit of work on the current
+// block, so that the prefetches interleave with the arithmetic.
+template <typename T>
+struct Pass {  // one pass over a sequence's visible blocks [first_block, end_block) of one cache
+  const T* cache = nullptr;
+  const int32_t* table = nullptr;
+  int64_t first_block = 0, end_block = 0;
+};
+
+struct Task {
+  int64_t seq, kv0, kv1, first, len;
+  int64_t span_start, span, steps;
+  int64_t visible() const { return len - first; }
+
+  template <typename T>
+  Pass<T> pass(const T* cache, const int32_t* table, int64_t block_size) const {
+    return {cache, table, first / block_size, (len + block_size - 1) / block_size};
+  }
+
+  // body(block index, its tiles, first and end row inside the block, prefetch(step) (rows path),
+  // the tiles kPairsAheadBlocks blocks on (pairs path; past the end, those of the pass `then`
+  // that follows, or null)) per visible block
+  template <typename T, typename Body>
+  void for_each_block(const T* cache, const int32_t* table, int64_t block_size, int64_t block, Body&& body,
+                      const Pass<T>& then = {}) const {
+    const Pass<T> now = pass(cache, table, block_size);
+    auto tiles_ahead = [&](int64_t b) -> const T* {
+      const int64_t a = b + kPairsAheadBlocks;
+      if (a < now.end_block) return cache + table[a] * block;
+      const int64_t c = then.first_block + (a - now.end_block);
+      return then.cache != nullptr && c < then.end_block ? then.cache + then.table[c] * block : nullptr;
+    };
+    const int64_t lines = (span * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    const int64_t per_step = (lines + steps - 1) / steps;
+    for (int64_t b = first / block_size; b * block_size < len; ++b) {
+      const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
+      const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
+      const char* next = (b + 1) * block_size < len
+                             ? reinterpret_cast<const char*>(cache + table[b + 1] * block + span_start) : nullptr;
+      const char* far = (b + kFarBlocks) * block_size < len
+                            ? reinterpret_cast<const char*>(cache + table[b + kFarBlocks] * block + span_start)
+                            : nullptr;
+      auto prefetch = [&](int64_t step) {
+        const int64_t l0 = step * per_step, l1 = std::min(lines, l0 + per_step);
+        if (next != nullptr)
+          for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(next + line * 64);
+        if (far != nullptr)
+          for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(far + line * 64, 0, 2);
+      };
+      body(b, cache + table[b] * block, t0, t1, prefetch, tiles_ahead(b));
+    }
+  }
+};
+
+// Softmax of each query head's row of scores in place (rounded to bfloat16 when `round`, the sum
+// taken over the rounded values); sums[h] gets the row's sum, left for the final division.
+inline void softmax_rows(float* probs, int64_t n, int64_t h0, int64_t h1, float* sums, bool round) {
+  for (int64_t h = h0; h < h1; ++h) {
+    float* row = probs + h * n;
+    float row_max = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) row_max = std::max(row_max, row[i]);
+    float sum = 0.f;
+    if (round) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < n; ++i) {
+        row[i] = kiln_native::round_bf16(kiln_native::fast_exp(row[i] - row_max));
+        sum += row[i];
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < n; ++i) {
+        row[i] = kiln_native::fast_exp(row[i] - row_max);
+        sum += row[i];
+      }
+    }
+    sums[h] = sum;
+  }
+}
+
 template <typename T>
 void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                       const int32_t* seq_lens, T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                      int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window) {
+                      int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window,
+                      bool pairs_layout) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t D = head_dim;
   const int64_t tile = block_size * D, block = num_kv_heads * tile;
-  // One task per sequence: its blocks are read whole (every kv head's tile, contiguous), so each
-  // block is one contiguous read rather than num_kv_heads scattered ones. With fewer sequences than
-  // threads, one task per (sequence, kv head) keeps every thread busy.
+  // With fewer sequences than threads, one task per (sequence, kv head) keeps every thread busy.
   const int64_t parts = num_seqs >= at::get_num_threads() ? 1 : num_kv_heads;
-  const int64_t kv_per_task = num_kv_heads / parts, heads_per_task = kv_per_task * group;
-  const int64_t span = kv_per_task * tile;  // a task's part of a block, contiguous
-  const int64_t span_lines = (span * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  const int64_t lines_per_head = (span_lines + heads_per_task - 1) / heads_per_task;
-#if defined(__AVX512BF16__)
-  const bool bf16_tiles = std::is_same_v<T, c10::BFloat16> && block_size == 16 && D % 32 == 0;
-#else
-  const bool bf16_tiles = false;
-#endif
+  const int64_t kv_per_task = num_kv_heads / parts;
   at::parallel_for(0, num_seqs * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(num_heads * D), acc(num_heads * D), probs, sums(num_heads);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / parts, h0 = (task % parts) * heads_per_task, h1 = h0 + heads_per_task;
-      const int64_t span_start = (h0 / group) * tile;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t s = index / parts, kv0 = (index % parts) * kv_per_task;
       const int64_t len = seq_lens[s];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;  // visible keys
+      const Task task{s, kv0, kv0 + kv_per_task, window > 0 ? std::max<int64_t>(0, len - window) : 0, len,
+                      kv0 * tile, kv_per_task * tile, kv_per_task * group};
+      const int64_t h0 = task.kv0 * group, h1 = task.kv1 * group, n = task.visible();
       const int32_t* table = block_tables + s * max_blocks;
       const T* qs = q + s * num_heads * D;
       probs.resize(num_heads * n);
-      if (!bf16_tiles) {  // the float32 tile loops read a scaled float32 copy of q
-        load_floats(qs + h0 * D, qf.data() + h0 * D, heads_per_task * D);
-        for (int64_t i = h0 * D; i < h1 * D; ++i) qf[i] *= scale;
-      }
-      // body(head h, its kv head's tile, offset of the tile's first key among the visible ones,
-      // first and end row inside the tile) for the task's query heads and every visible block.
-      auto for_each_tile = [&](const T* cache, auto&& body) {
-        for (int64_t b = first / block_size; b * block_size < len; ++b) {
-          const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
-          const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
-          const T* tiles = cache + table[b] * block;
-          const bool more = (b + 1) * block_size < len;
-          const char* next = more ? reinterpret_cast<const char*>(cache + table[b + 1] * block + span_start) : nullptr;
-          const char* far = (b + kFarBlocks) * block_size < len
-                                ? reinterpret_cast<const char*>(cache + table[b + kFarBlocks] * block + span_start)
-                                : nullptr;
-          for (int64_t h = h0; h < h1; ++h) {
-            // a share of the next block's lines per head, so that the prefetches interleave with
-            // the arithmetic instead of queueing up behind a full miss buffer
-            const int64_t l0 = (h - h0) * lines_per_head, l1 = std::min(span_lines, (h - h0 + 1) * lines_per_head);
-            if (next != nullptr)
-              for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(next + line * 64);
-            if (far != nullptr)
-              for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(far + line * 64, 0, 2);
-            body(h, tiles + (h / group) * tile, b * block_size - first, t0, t1);
-          }
-        }
-      };
-      // pass 1: every visible key's score, one block of K at a time
-      for_each_tile(k_cache, [&](int64_t h, const T* k, int64_t offset, int64_t t0, int64_t t1) {
-#if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          if (bf16_tiles) {
-            scores_of_tile16_bf16(qs + h * D, k, probs.data() + h * n + offset, t0, t1, D, scale);
-            return;
-          }
-        }
-#endif
-        scores_of_tile(qf.data() + h * D, k, probs.data() + h * n + offset, t0, t1, D);
-      });
-      // the V pass's first block arrives while the softmax is computed
-      prefetch_bytes(v_cache + table[first / block_size] * block + span_start, span);
-      // pass 2: softmax of each query head's row, in place (the bfloat16 tile path rounds the
-      // probabilities to bfloat16, as transformers' eager attention does, and sums the rounded ones)
-      for (int64_t h = h0; h < h1; ++h) {
-        float* row = probs.data() + h * n;
-        float row_max = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) row_max = std::max(row_max, row[i]);
-        float sum = 0.f;
-        if (bf16_tiles) {
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < n; ++i) {
-            row[i] = kiln_native::round_bf16(kiln_native::fast_exp(row[i] - row_max));
-            sum += row[i];
-          }
-        } else {
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < n; ++i) {
-            row[i] = kiln_native::fast_exp(row[i] - row_max);
-            sum += row[i];
-          }
-        }
-        sums[h] = sum;
-      }
-      // pass 3: probabilities times V, one block at a time; meanwhile the next sequence's first K block
-      if (parts == 1 && s + 1 < end) {
+      std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
+      // the K pass of the sequence this thread takes next, when it is a whole sequence
+      Pass<T> next_k_pass;
+      if (parts == 1 && index + 1 < end) {
         const int64_t next_len = seq_lens[s + 1];
         const int64_t next_first = window > 0 ? std::max<int64_t>(0, next_len - window) : 0;
-        prefetch_bytes(k_cache + block_tables[(s + 1) * max_blocks + next_first / block_size] * block, block);
+        next_k_pass = {k_cache, block_tables + (s + 1) * max_blocks, next_first / block_size,
+                       (next_len + block_size - 1) / block_size};
       }
-      std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
-      for_each_tile(v_cache, [&](int64_t h, const T* v, int64_t offset, int64_t t0, int64_t t1) {
+      if (pairs_layout) {
 #if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          if (bf16_tiles) {
-            accumulate_tile16_bf16(probs.data() + h * n + offset, v, acc.data() + h * D, t0, t1, D);
-            return;
+        const int64_t pairs = D / 2;
+        const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qs);
+        // pass 1: every visible key's score, each K tile loaded once per (up to) four query heads
+        task.for_each_block(k_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
+                                                                   auto&& prefetch, const T* ahead) {
+          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
+            const uint32_t* kt = reinterpret_cast<const uint32_t*>(tiles + kh * tile);
+            for (int64_t g0 = 0; g0 < group; g0 += kMaxHeadsAtOnce) {
+              const int64_t nh = std::min<int64_t>(kMaxHeadsAtOnce, group - g0), h = kh * group + g0;
+              const char* tile_ahead = g0 == 0 && ahead != nullptr ? reinterpret_cast<const char*>(ahead + kh * tile) : nullptr;
+              const uint32_t* heads[kMaxHeadsAtOnce];
+              for (int64_t i = 0; i < nh; ++i) heads[i] = q32 + (h + i) * pairs;
+              __m512 scores[kMaxHeadsAtOnce];
+              with_heads_at_once(nh, [&](auto nh_const) {
+                pair_tile_scores<decltype(nh_const)::value>(heads, kt, pairs, scores, tile_ahead);
+              });
+              for (int64_t i = 0; i < nh; ++i) {
+                alignas(64) float row[kPairBlock];
+                _mm512_store_ps(row, _mm512_mul_ps(scores[i], _mm512_set1_ps(scale)));
+                std::copy(row + t0, row + t1, probs.data() + (h + i) * n + b * kPairBlock - task.first + t0);
+              }
+            }
           }
-        }
+        }, task.pass(v_cache, table, block_size));  // the V pass's first tiles arrive during the last K ones
+        softmax_rows(probs.data(), n, h0, h1, sums.data(), true);
+        // pass 3: probabilities times V, each V tile loaded once per (up to) four query heads
+        task.for_each_block(v_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
+                                                                   auto&& prefetch, const T* ahead) {
+          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
+            const uint32_t* vt = reinterpret_cast<const uint32_t*>(tiles + kh * tile);
+            for (int64_t g0 = 0; g0 < group; g0 += kMaxHeadsAtOnce) {
+              const int64_t nh = std::min<int64_t>(kMaxHeadsAtOnce, group - g0), h = kh * group + g0;
+              const char* tile_ahead = g0 == 0 && ahead != nullptr ? reinterpret_cast<const char*>(ahead + kh * tile) : nullptr;
+              alignas(32) uint32_t weights[kMaxHeadsAtOnce][kPairBlock / 2];
+              for (int64_t i = 0; i < nh; ++i) {
+                alignas(64) float p[kPairBlock] = {};
+                const float* row = probs.data() + (h + i) * n + b * kPairBlock - task.first + t0;
+                std::copy(row, row + (t1 - t0), p + t0);  // keys outside t0..t1 weigh 0
+                _mm256_store_si256(reinterpret_cast<__m256i*>(weights[i]),
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p)));
+              }
+              with_heads_at_once(nh, [&](auto nh_const) {
+                pair_tile_accumulate<decltype(nh_const)::value>(weights, vt, acc.data() + h * D, D, tile_ahead);
+              });
+            }
+          }
+        }, next_k_pass);
 #endif
-        accumulate_tile(probs.data() + h * n + offset, v, acc.data() + h * D, t0, t1, D);
-      });
+      } else {
+        load_floats(qs + h0 * D, qf.data() + h0 * D, (h1 - h0) * D);
+        for (int64_t i = h0 * D; i < h1 * D; ++i) qf[i] *= scale;
+        task.for_each_block(k_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
+                                                                   auto&& prefetch, const T* ahead) {
+          for (int64_t h = h0; h < h1; ++h) {
+            prefetch(h - h0);
+            scores_of_tile(qf.data() + h * D, tiles + (h / group) * tile,
+                           probs.data() + h * n + b * block_size - task.first, t0, t1, D);
+          }
+        });
+        prefetch_bytes(v_cache + table[task.first / block_size] * block + task.span_start, task.span);
+        softmax_rows(probs.data(), n, h0, h1, sums.data(), false);
+        if (next_k_pass.cache != nullptr)  // the next sequence's first K block arrives during the V pass
+          prefetch_bytes(k_cache + next_k_pass.table[next_k_pass.first_block] * block, block);
+        task.for_each_block(v_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
+                                                                   auto&& prefetch, const T* ahead) {
+          for (int64_t h = h0; h < h1; ++h) {
+            prefetch(h - h0);
+            accumulate_tile(probs.data() + h * n + b * block_size - task.first, tiles + (h / group) * tile,
+                            acc.data() + h * D, t0, t1, D);
+          }
+        });
+      }
       T* os = out + s * num_heads * D;
       for (int64_t h = h0; h < h1; ++h)
-        for (int64_t d = 0; d < D; ++d) {
-          const float value = acc[h * D + (bf16_tiles ? kiln_native::pair_interleaved_pos(d) : d)];
-          os[h * D + d] = static_cast<T>(value / sums[h]);
-        }
+        for (int64_t d = 0; d < D; ++d) os[h * D + d] = static_cast<T>(acc[h * D + d] / sums[h]);
     }
   });
 }
 
+bool pairs_layout_available() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                  int64_t sliding_window) {
+                                  int64_t sliding_window, bool pairs_layout) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
               "q and caches must share a dtype");
@@ -309,11 +409,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head shapes do not match");
   TORCH_CHECK(tables.size(0) == num_seqs && lens.size(0) == num_seqs, "one block table and length per sequence");
+  TORCH_CHECK(!pairs_layout || (pairs_layout_available() && qc.scalar_type() == at::kBFloat16 && block_size == 16 &&
+                                head_dim % 32 == 0),
+              "the pairs layout needs AVX512-BF16, bfloat16, 16-key blocks and head_dim a multiple of 32");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
     decode_attention<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                                tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
                                num_seqs, num_heads, num_kv_heads, head_dim, block_size, tables.size(1),
-                               static_cast<float>(scale), sliding_window);
+                               static_cast<float>(scale), sliding_window, pairs_layout);
   });
   return out;
 }
@@ -321,7 +424,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 TORCH_LIBRARY(kiln_native, m) {
+  m.def("pairs_layout_available() -> bool");
+  m.impl("pairs_layout_available", c10::DispatchKey::CompositeExplicitAutograd, &pairs_layout_available);
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale, int sliding_window) -> Tensor");
+        "float scale, int sliding_window, bool pairs_layout) -> Tensor");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
 }

@@ -6,15 +6,15 @@
 // (one pass over the keys with a running max and sum per row).
 //
 // A task is (sequence, kv head, 16 query positions): its rows are those positions for every query
-// head of the kv head's GQA group. Per 16-key tile of the cache it transposes K into key-pair
-// columns (so 16 scores come from D/2 instructions with no horizontal sums) and interleaves V by
-// key pairs (two keys per instruction), once for all its rows. Probabilities are rounded to
+// head of the kv head's GQA group. The cache is in the pairs layout (kv_layout.py), the operands of
+// vdpbf16ps as they lie: a K tile [D/2][16][2] gives 16 scores from D/2 instructions with no
+// horizontal sums, a V tile [8][D][2] two keys per instruction. Probabilities are rounded to
 // bfloat16 before the V product, as transformers' eager attention rounds them.
 //
 // Layout: q [T, H, D], the rows of the sequences one after another (query_starts [S + 1] int32);
-// caches [num_blocks, KH, 16, D]; block_tables [S, max_blocks] int32; seq_lens [S] int32 (keys
-// visible to the sequence's last query, itself included; its queries are the last positions).
-// sliding_window <= 0 means none; otherwise a query sees its last `sliding_window` keys.
+// caches [num_blocks, KH, 16, D] (pairs tiles); block_tables [S, max_blocks] int32; seq_lens [S]
+// int32 (keys visible to the sequence's last query, itself included; its queries are the last
+// positions). sliding_window <= 0 means none; otherwise a query sees its last `sliding_window` keys.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,7 +37,7 @@ constexpr int64_t kTile = 16;    // keys per cache block, and query positions pe
 constexpr int64_t kMaxDim = 256;  // head_dim bound of the fixed-size tile buffers
 
 // The running state of one query head's 16 rows (positions) of a task: row max and sum of the
-// rounded probabilities as 16 lanes, and the unnormalized outputs in the V product's order (kiln_native::pair_interleaved_pos).
+// rounded probabilities as 16 lanes, and the unnormalized outputs.
 struct RowBlock {
   __m512 max, sum;
   alignas(64) float acc[kTile * kMaxDim];
@@ -48,13 +48,13 @@ struct RowBlock {
 // fixed trip count so that the per-row vectors stay in registers; rows past the end of a short
 // query tile repeat a real row and see no keys.
 inline void attend_tile(RowBlock& st, const uint16_t* const* q_rows, const uint32_t* kt,
-                        const uint16_t* vp, const __mmask16* visible, int64_t pair_lo, int64_t pair_hi, int64_t D,
+                        const uint32_t* vt, const __mmask16* visible, int64_t pair_lo, int64_t pair_hi, int64_t D,
                         float scale) {
   const int64_t pairs = D / 2;
   __m512 scores[kTile];
   for (int64_t r = 0; r < kTile; ++r) scores[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh keys = (__m512bh)_mm512_load_si512(kt + p * kTile);
+    const __m512bh keys = (__m512bh)_mm512_loadu_si512(kt + p * kTile);
 #pragma GCC unroll 16
     for (int64_t r = 0; r < kTile; ++r) {
       const uint32_t pair = reinterpret_cast<const uint32_t*>(q_rows[r])[p];
@@ -84,13 +84,11 @@ inline void attend_tile(RowBlock& st, const uint16_t* const* q_rows, const uint3
   }
   st.sum = _mm512_add_ps(_mm512_mul_ps(st.sum, correction), _mm512_load_ps(tile_sum));
   for (int64_t d = 0; d < D; d += 16) {
-    // the 16 output lanes at acc[d..d+16) come from the half (d / 16) % 2 of run d / 32
-    const uint16_t* vcol = vp + 2 * (d - (d & 31)) + ((d >> 4) & 1) * 32;
     __m512 acc[kTile];
 #pragma GCC unroll 16
     for (int64_t r = 0; r < kTile; ++r) acc[r] = _mm512_mul_ps(_mm512_load_ps(st.acc + r * D + d), _mm512_set1_ps(row_corr[r]));
     for (int64_t j2 = pair_lo; j2 <= pair_hi; ++j2) {
-      const __m512bh values = (__m512bh)_mm512_load_si512(vcol + j2 * 2 * D);
+      const __m512bh values = (__m512bh)_mm512_loadu_si512(vt + j2 * D + d);
 #pragma GCC unroll 16
       for (int64_t r = 0; r < kTile; ++r)
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(weights[r][j2])), values);
@@ -106,7 +104,6 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
                        int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t tile = kTile * D, block = num_kv_heads * tile;
-  const int64_t pairs = D / 2;
   // tasks: (sequence, query tile, kv head), in that order
   std::vector<int64_t> task_start(num_seqs + 1, 0);
   for (int64_t s = 0; s < num_seqs; ++s) {
@@ -118,8 +115,6 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
   // Later query tiles see more keys: dealing tasks out round-robin balances the threads.
   at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     std::vector<RowBlock> blocks(group);
-    alignas(64) uint32_t kt[kMaxDim / 2 * kTile];  // K tile as [pair][key]
-    alignas(64) uint16_t vp[kTile * kMaxDim];      // V tile, key pairs interleaved: [key pair][2D]
     for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
       for (int64_t task = thread; task < num_tasks; task += num_threads) {
         const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
@@ -137,18 +132,8 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
           std::fill(blocks[g].acc, blocks[g].acc + kTile * D, 0.f);
         }
         for (int64_t b = first_key / kTile; b <= last_key / kTile; ++b) {
-          const uint16_t* k = k_cache + table[b] * block + kh * tile;
-          const uint16_t* v = v_cache + table[b] * block + kh * tile;
-          const uint32_t* k32 = reinterpret_cast<const uint32_t*>(k);
-          for (int64_t j = 0; j < kTile; ++j)
-            for (int64_t p = 0; p < pairs; ++p) kt[p * kTile + j] = k32[j * pairs + p];
-          for (int64_t j2 = 0; j2 < kTile / 2; ++j2)
-            for (int64_t d = 0; d < D; d += 32) {
-              const __m512i r0 = _mm512_loadu_si512(v + (2 * j2) * D + d);
-              const __m512i r1 = _mm512_loadu_si512(v + (2 * j2 + 1) * D + d);
-              _mm512_store_si512(vp + j2 * 2 * D + 2 * d, _mm512_unpacklo_epi16(r0, r1));
-              _mm512_store_si512(vp + j2 * 2 * D + 2 * d + 32, _mm512_unpackhi_epi16(r0, r1));
-            }
+          const uint32_t* kt = reinterpret_cast<const uint32_t*>(k_cache + table[b] * block + kh * tile);
+          const uint32_t* vt = reinterpret_cast<const uint32_t*>(v_cache + table[b] * block + kh * tile);
           const int64_t key0 = b * kTile;
           __mmask16 visible[kTile] = {};
           int64_t lo_all = kTile, hi_all = -1;
@@ -166,7 +151,7 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
             const uint16_t* rows[kTile];
             for (int64_t r = 0; r < kTile; ++r)
               rows[r] = q + ((query_starts[s] + i0 + std::min(r, num_rows - 1)) * num_heads + kh * group + g) * D;
-            attend_tile(blocks[g], rows, kt, vp, visible, lo_all >> 1, hi_all >> 1, D, scale);
+            attend_tile(blocks[g], rows, kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
           }
         }
         for (int64_t g = 0; g < group; ++g) {
@@ -176,7 +161,7 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
             uint16_t* o = out + ((query_starts[s] + i0 + r) * num_heads + kh * group + g) * D;
             const float inv = 1.f / sums[r];
             for (int64_t d = 0; d < D; ++d) {
-              o[d] = kiln_native::float_to_bf16(blocks[g].acc[r * D + kiln_native::pair_interleaved_pos(d)] * inv);
+              o[d] = kiln_native::float_to_bf16(blocks[g].acc[r * D + d] * inv);
             }
           }
         }

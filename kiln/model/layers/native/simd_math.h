@@ -29,14 +29,6 @@ inline uint16_t float_to_bf16(float f) {
 
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
-// Where a V product done two keys per vdpbf16ps (rows t and t + 1 interleaved by
-// unpacklo/hi_epi16) leaves output dimension d: in each run of 32, the unpacks work within 128-bit
-// lanes, so lane L of the low half holds d = 8L..8L+3 and of the high half 8L+4..8L+7.
-inline int64_t pair_interleaved_pos(int64_t d) {
-  const int64_t base = d & ~int64_t{31}, r = d & 31;
-  return base + ((r >> 2) & 1) * 16 + (r >> 3) * 4 + (r & 3);
-}
-
 // exp(x) within ~1e-7 relative (Cody-Waite reduction, degree-7 Taylor); saturates outside
 // [-87, 88] (to ~1e-38 and ~1.6e38). std::exp is a scalar libm call.
 inline float fast_exp(float x) {
