@@ -20,7 +20,7 @@ GEOMETRIES = {"small": (8, 4, ([13, 3, 9, 1], [1, 6, 1, 1])), "tiles16": (64, 16
 
 def reference(q, keys, values, positions, scale, window):
     """q [Q, H, D] at `positions` over keys/values [L, KH, D] (the sequence so far)."""
-    group = HEADS // KV_HEADS
+    group = q.shape[1] // keys.shape[1]
     k, v = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)  # [L, H, D]
     scores = torch.einsum("qhd,lhd->hql", q.double(), k.double()) * scale
     key_pos = torch.arange(keys.shape[0])
@@ -126,32 +126,50 @@ def intra_op_threads(request):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_paged_attention_matches_direct_computation(geometry, window, dtype, tol, decode_path, make_attn_metadata,
                                                     intra_op_threads):
-    torch.manual_seed(0)
     head_dim, block, (first_step, second_step) = GEOMETRIES[geometry]
     layer = Attention(HEADS, KV_HEADS, head_dim, scale=head_dim**-0.5, sliding_window=window)
+    steps = [first_step, second_step, [1, 1, 1, 1], [1, 1, 1, 1]]
+    check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (5, 1), (8, 1)], ids=["group1", "group2", "group5", "group8"])
+def test_every_gqa_group_size_matches_direct_computation(heads, kv_heads, decode_path, make_attn_metadata,
+                                                          intra_op_threads):
+    """The bfloat16 tile kernels take up to four query heads of a GQA group per tile load: groups of
+    1, 2, 5 and 8 heads reach each head count and the split of larger groups."""
+    layer = Attention(heads, kv_heads, 64, scale=64**-0.5)
+    check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[21, 40, 1], [1, 1, 7], [1, 1, 1]],
+                                  make_attn_metadata)
+
+
+def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata):
+    """Run `steps` (each: the new tokens of every sequence) through `layer` over random block tables
+    and a cache holding random leftovers, checking every output row against `reference`."""
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     num_blocks = 40
-    shape = (num_blocks, KV_HEADS, block, head_dim)
+    shape = (num_blocks, kv_heads, block, head_dim)
     # random (finite) leftovers in the cache, as blocks reused from finished sequences hold
     layer.kv_cache = (torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
     free = torch.randperm(num_blocks).tolist()
-    history_len = max(a + b for a, b in zip(first_step, second_step)) + 2
-    tables = [[free.pop() for _ in range(-(-history_len // block))] for _ in first_step]
-    history = [(torch.randn(history_len, KV_HEADS, head_dim).to(dtype),
-                torch.randn(history_len, KV_HEADS, head_dim).to(dtype)) for _ in first_step]
-    computed = [0] * len(first_step)
-    # step 1: prefill chunks of every length; later steps: decodes mixed with a chunk, then decodes only
-    for step_new in (first_step, second_step, [1, 1, 1, 1], [1, 1, 1, 1]):
+    num_seqs = len(steps[0])
+    history_len = max(sum(step[i] for step in steps) for i in range(num_seqs))
+    tables = [[free.pop() for _ in range(-(-history_len // block))] for _ in range(num_seqs)]
+    history = [(torch.randn(history_len, kv_heads, head_dim).to(dtype),
+                torch.randn(history_len, kv_heads, head_dim).to(dtype)) for _ in range(num_seqs)]
+    computed = [0] * num_seqs
+    for step_new in steps:
         md = make_attn_metadata(computed, step_new, tables, block)
-        q = torch.randn(sum(step_new), HEADS, head_dim).to(dtype)
+        q = torch.randn(sum(step_new), heads, head_dim).to(dtype)
         k = torch.cat([history[i][0][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
         v = torch.cat([history[i][1][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
         with torch.inference_mode(), forward_context(md):
-            out = layer(q.flatten(1), k.flatten(1), v.flatten(1)).view(-1, HEADS, head_dim)
+            out = layer(q.flatten(1), k.flatten(1), v.flatten(1)).view(-1, heads, head_dim)
         row = 0
         for i, (c, n) in enumerate(zip(computed, step_new)):
             positions = torch.arange(c, c + n)
             expected = reference(q[row:row + n], history[i][0][:c + n], history[i][1][:c + n], positions,
-                                 head_dim**-0.5, window)
+                                 head_dim**-0.5, layer.sliding_window)
             torch.testing.assert_close(out[row:row + n].double(), expected, atol=tol, rtol=tol)
             row += n
         computed = [c + n for c, n in zip(computed, step_new)]
