@@ -424,8 +424,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 TORCH_LIBRARY(kiln_native, m) {
-  m.def("pairs_layout_available() -> bool");
-  m.impl("pairs_layout_available", c10::DispatchKey::CompositeExplicitAutograd, &pairs_layout_available);
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, int sliding_window, bool pairs_layout) -> Tensor");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
