@@ -171,7 +171,7 @@ class Attention(nn.Module):
 
     @kv_cache.setter
     def kv_cache(self, caches: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Bind this layer's (K, V) caches, fresh or zero-filled: their layout follows from them."""
+        """Bind this layer's (K, V) caches; their dtype, block size and device decide the tile layout."""
         self._kv_cache = caches
         self.pairs_layout = caches is not None and kv_layout.uses_pairs_layout(caches[0])
 
