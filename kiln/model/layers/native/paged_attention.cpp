@@ -308,50 +308,51 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
 #if defined(__AVX512BF16__)
         const int64_t pairs = D / 2;
         const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qs);
+        // body(the kv head's tile as bfloat16 pairs, first query head, heads at once, the same tile
+        // kPairsAheadBlocks on to prefetch or null) per chunk of up to four heads of each kv head's
+        // group; only a tile's first chunk prefetches
+        auto for_each_head_chunk = [&](const T* tiles, const T* ahead, auto&& body) {
+          for (int64_t kh = task.kv0; kh < task.kv1; ++kh)
+            for (int64_t g0 = 0; g0 < group; g0 += kMaxHeadsAtOnce) {
+              const char* tile_ahead = g0 == 0 && ahead != nullptr ? reinterpret_cast<const char*>(ahead + kh * tile)
+                                                                  : nullptr;
+              body(reinterpret_cast<const uint32_t*>(tiles + kh * tile), kh * group + g0,
+                   std::min<int64_t>(kMaxHeadsAtOnce, group - g0), tile_ahead);
+            }
+        };
         // pass 1: every visible key's score, each K tile loaded once per (up to) four query heads
         task.for_each_block(k_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
-                                                                   auto&& prefetch, const T* ahead) {
-          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
-            const uint32_t* kt = reinterpret_cast<const uint32_t*>(tiles + kh * tile);
-            for (int64_t g0 = 0; g0 < group; g0 += kMaxHeadsAtOnce) {
-              const int64_t nh = std::min<int64_t>(kMaxHeadsAtOnce, group - g0), h = kh * group + g0;
-              const char* tile_ahead = g0 == 0 && ahead != nullptr ? reinterpret_cast<const char*>(ahead + kh * tile) : nullptr;
-              const uint32_t* heads[kMaxHeadsAtOnce];
-              for (int64_t i = 0; i < nh; ++i) heads[i] = q32 + (h + i) * pairs;
-              __m512 scores[kMaxHeadsAtOnce];
-              with_heads_at_once(nh, [&](auto nh_const) {
-                pair_tile_scores<decltype(nh_const)::value>(heads, kt, pairs, scores, tile_ahead);
-              });
-              for (int64_t i = 0; i < nh; ++i) {
-                alignas(64) float row[kPairBlock];
-                _mm512_store_ps(row, _mm512_mul_ps(scores[i], _mm512_set1_ps(scale)));
-                std::copy(row + t0, row + t1, probs.data() + (h + i) * n + b * kPairBlock - task.first + t0);
-              }
+                                                                   auto&&, const T* ahead) {
+          for_each_head_chunk(tiles, ahead, [&](const uint32_t* kt, int64_t h, int64_t nh, const char* tile_ahead) {
+            const uint32_t* heads[kMaxHeadsAtOnce];
+            for (int64_t i = 0; i < nh; ++i) heads[i] = q32 + (h + i) * pairs;
+            __m512 scores[kMaxHeadsAtOnce];
+            with_heads_at_once(nh, [&](auto nh_const) {
+              pair_tile_scores<decltype(nh_const)::value>(heads, kt, pairs, scores, tile_ahead);
+            });
+            for (int64_t i = 0; i < nh; ++i) {
+              alignas(64) float row[kPairBlock];
+              _mm512_store_ps(row, _mm512_mul_ps(scores[i], _mm512_set1_ps(scale)));
+              std::copy(row + t0, row + t1, probs.data() + (h + i) * n + b * kPairBlock - task.first + t0);
             }
-          }
+          });
         }, task.pass(v_cache, table, block_size));  // the V pass's first tiles arrive during the last K ones
         softmax_rows(probs.data(), n, h0, h1, sums.data(), true);
         // pass 3: probabilities times V, each V tile loaded once per (up to) four query heads
         task.for_each_block(v_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
-                                                                   auto&& prefetch, const T* ahead) {
-          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
-            const uint32_t* vt = reinterpret_cast<const uint32_t*>(tiles + kh * tile);
-            for (int64_t g0 = 0; g0 < group; g0 += kMaxHeadsAtOnce) {
-              const int64_t nh = std::min<int64_t>(kMaxHeadsAtOnce, group - g0), h = kh * group + g0;
-              const char* tile_ahead = g0 == 0 && ahead != nullptr ? reinterpret_cast<const char*>(ahead + kh * tile) : nullptr;
-              alignas(32) uint32_t weights[kMaxHeadsAtOnce][kPairBlock / 2];
-              for (int64_t i = 0; i < nh; ++i) {
-                alignas(64) float p[kPairBlock] = {};
-                const float* row = probs.data() + (h + i) * n + b * kPairBlock - task.first + t0;
-                std::copy(row, row + (t1 - t0), p + t0);  // keys outside t0..t1 weigh 0
-                _mm256_store_si256(reinterpret_cast<__m256i*>(weights[i]),
-                                   (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p)));
-              }
-              with_heads_at_once(nh, [&](auto nh_const) {
-                pair_tile_accumulate<decltype(nh_const)::value>(weights, vt, acc.data() + h * D, D, tile_ahead);
-              });
+                                                                   auto&&, const T* ahead) {
+          for_each_head_chunk(tiles, ahead, [&](const uint32_t* vt, int64_t h, int64_t nh, const char* tile_ahead) {
+            alignas(32) uint32_t weights[kMaxHeadsAtOnce][kPairBlock / 2];
+            for (int64_t i = 0; i < nh; ++i) {
+              alignas(64) float p[kPairBlock] = {};
+              const float* row = probs.data() + (h + i) * n + b * kPairBlock - task.first + t0;
+              std::copy(row, row + (t1 - t0), p + t0);  // keys outside t0..t1 weigh 0
+              _mm256_store_si256(reinterpret_cast<__m256i*>(weights[i]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p)));
             }
-          }
+            with_heads_at_once(nh, [&](auto nh_const) {
+              pair_tile_accumulate<decltype(nh_const)::value>(weights, vt, acc.data() + h * D, D, tile_ahead);
+            });
+          });
         }, next_k_pass);
 #endif
       } else {
