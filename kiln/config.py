@@ -91,6 +91,8 @@ class ModelConfig:
     tokenizer_revision: str | None = None
     tokenizer_mode: str = "auto"
     skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
+    """Run the model's modules op by op: no native decoder stack on CPU (model/native_stack.py)."""
 
     @property
     def is_gguf(self) -> bool:
@@ -432,7 +434,8 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     """KV cache dtype (kiln: auto, the model's dtype)."""
     enforce_eager: bool = False
-    """Always run the model eagerly (no CUDA graphs)."""
+    """Always run the model eagerly, module by module: on CPU no native decoder stack (one C++ call
+    for all layers of a step; same results, faster), the closest kiln has to vLLM's CUDA graphs."""
     disable_log_stats: bool = False
     """Turn off the periodic stats log line."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -512,6 +515,7 @@ class EngineArgs:
             served_model_name=served, seed=self.seed, trust_remote_code=self.trust_remote_code,
             revision=self.revision, tokenizer_revision=self.tokenizer_revision,
             tokenizer_mode=self.tokenizer_mode, skip_tokenizer_init=self.skip_tokenizer_init,
+            enforce_eager=self.enforce_eager,
         )
         on_gpu = device == "cuda"
         max_num_seqs = self.max_num_seqs or (256 if on_gpu else 128)

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from kiln.errors import InvalidRequestError
-from kiln.model.layers.activation import get_gated_act
+from kiln.model.layers.activation import SiluAndMul, get_gated_act
+from kiln.model.layers import native
 from kiln.model.layers.attention import Attention
 from kiln.model.layers.embedding import LMHead, VocabEmbedding
 from kiln.model.layers.layernorm import RMSNorm
 from kiln.model.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader
 from kiln.model.layers.rotary import RotaryEmbedding, apply_rotary
+from kiln.model.native_stack import NativeDecoderStack
 
 
 def head_dim_of(config: Any) -> int:
@@ -110,6 +112,25 @@ class DecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
+    def native_weights(self) -> list[torch.Tensor] | None:
+        """What native/decoder_stack.cpp reads for this layer (norm, qkv, o, norm, gate_up, down), or
+        None when the layer must run as modules: the native stack chains exactly the kernels of the
+        forwards above, so it takes only layers that run them (pair-packed weights without biases,
+        no q/k norms, SiLU, and no subclass with forwards of its own)."""
+        attn, mlp = self.self_attn, self.mlp
+        if (type(self).forward is not DecoderLayer.forward or type(attn).forward is not RopeAttention.forward
+                or type(mlp).forward is not GatedMLP.forward or type(mlp.act_fn) is not SiluAndMul
+                or type(attn.attn).forward is not Attention.forward or attn.q_norm is not None
+                or any(type(norm).forward is not RMSNorm.forward
+                       for norm in (self.input_layernorm, self.post_attention_layernorm))):
+            return None
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(linear.packed_weight is None or linear.bias is not None for linear in linears) or \
+                native.pair_packed_linear() is None:
+            return None
+        return [self.input_layernorm.weight, attn.qkv_proj.packed_weight, attn.o_proj.packed_weight,
+                self.post_attention_layernorm.weight, mlp.gate_up_proj.packed_weight, mlp.down_proj.packed_weight]
+
 
 class DecoderModel(nn.Module):
     """Embedding, `num_hidden_layers` decoder layers, final norm; one RoPE table shared by all layers."""
@@ -122,15 +143,39 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(self.layer_cls(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config))
+        self.enforce_eager = False  # --enforce-eager: always the modules
+        self._native_stack: NativeDecoderStack | None = None
+        self._native_stack_bound: object = None  # the KV cache binding the stack was decided for
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)  # [T, hidden_size]
         cos, sin = self.rotary_emb(positions)  # [T, head_dim] each
+        stack = self.native_stack()
+        if stack is not None and (out := stack(hidden_states, cos, sin)) is not None:
+            hidden_states, residual = out
+        else:
+            hidden_states, residual = self.run_layers(hidden_states, cos, sin)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def run_layers(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers as modules: (hidden, residual) after the last one."""
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, residual, cos, sin)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return hidden_states, residual  # type: ignore[return-value]
+
+    def native_stack(self) -> NativeDecoderStack | None:
+        """The layers as one native call (model/native_stack.py), decided again whenever the worker
+        binds new KV caches; None when they must run as modules."""
+        if self.enforce_eager:
+            return None
+        bound = self.layers[0].self_attn.attn.kv_cache if len(self.layers) else None
+        if bound is not self._native_stack_bound:
+            self._native_stack_bound = bound
+            self._native_stack = NativeDecoderStack.build(list(self.layers)) if bound is not None else None
+        return self._native_stack
 
 
 class CausalLM(nn.Module):

@@ -37,6 +37,8 @@ def load_model(model_config: ModelConfig, load_config: LoadConfig, device: str =
     with _default_dtype(model_config.torch_dtype), torch.device(device):
         model = model_cls(model_config.hf_config)
     model.requires_grad_(False).eval()
+    if model_config.enforce_eager and hasattr(model, "model"):
+        model.model.enforce_eager = True
     load_format = load_config.load_format
     if load_format == "dummy":
         _init_dummy(model, model_config.seed)

@@ -10,7 +10,7 @@ AVX512-BF16 kernels read, as vdpbf16ps operand pairs (kv_layout.py); binding `At
 
 This file holds the portable torch backend (CPU, and the reference on any device). Everything
 that depends only on the step's shape (the gather index, the write index, masks, which rows
-decode) is built once per step in a `_StepPlan` and shared by all layers:
+decode) is built once per step in a `StepPlan` and shared by all layers:
 
 | rows | method |
 | --- | --- |
@@ -40,7 +40,7 @@ from kiln.model.layers import kv_layout, native
 
 
 @dataclass
-class _Group:
+class AttentionGroup:
     """Sequences attended together: all decode, or all prefill, in batch order."""
 
     rows: slice | torch.Tensor | None  # the group's query rows in the flattened batch; None when it is the whole batch
@@ -77,11 +77,11 @@ class _Group:
 
 
 @dataclass
-class _StepPlan:
+class StepPlan:
     slot_mapping: torch.Tensor
     num_kv_heads: int
     block_size: int
-    groups: list[_Group]
+    groups: list[AttentionGroup]
 
     @functools.cached_property
     def write_rows(self) -> torch.Tensor:
@@ -92,7 +92,7 @@ class _StepPlan:
         return ((block[:, None] * self.num_kv_heads + heads) * self.block_size + offset[:, None]).flatten()
 
 
-def _step_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _StepPlan:
+def step_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> StepPlan:
     key = (num_kv_heads, block_size)
     plan = md.plans.get(key)
     if plan is None:
@@ -100,7 +100,7 @@ def _step_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _St
     return plan
 
 
-def _build_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _StepPlan:
+def _build_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> StepPlan:
     device = md.slot_mapping.device
     decode = [i for i, n in enumerate(md.query_lens_cpu) if n == 1]
     if len(decode) in (0, md.num_seqs):
@@ -110,7 +110,7 @@ def _build_plan(md: AttentionMetadata, num_kv_heads: int, block_size: int) -> _S
         starts = [0, *itertools.accumulate(md.query_lens_cpu)]
         groups = [_group(md, seqs, _rows_of(starts, seqs, device), num_kv_heads, block_size)
                   for seqs in (decode, prefill)]
-    return _StepPlan(md.slot_mapping, num_kv_heads, block_size, groups)
+    return StepPlan(md.slot_mapping, num_kv_heads, block_size, groups)
 
 
 def _rows_of(starts: list[int], seqs: list[int], device: torch.device) -> slice | torch.Tensor:
@@ -124,7 +124,7 @@ def _rows_of(starts: list[int], seqs: list[int], device: torch.device) -> slice 
 
 
 def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Tensor | None, num_kv_heads: int,
-           block_size: int) -> _Group:
+           block_size: int) -> AttentionGroup:
     query_lens = md.query_lens_cpu if seqs is None else [md.query_lens_cpu[i] for i in seqs]
     seq_lens_cpu = md.seq_lens_cpu if seqs is None else [md.seq_lens_cpu[i] for i in seqs]
     block_tables, seq_lens = md.block_tables, md.seq_lens
@@ -133,7 +133,7 @@ def _group(md: AttentionMetadata, seqs: list[int] | None, rows: slice | torch.Te
         block_tables, seq_lens = block_tables[index], seq_lens[index]
     query_starts = md.query_start_loc if seqs is None else torch.tensor(
         [0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=md.query_start_loc.device)
-    return _Group(rows, block_tables.contiguous(), seq_lens.int(), query_lens, -(-max(seq_lens_cpu) // block_size),
+    return AttentionGroup(rows, block_tables.contiguous(), seq_lens.int(), query_lens, -(-max(seq_lens_cpu) // block_size),
                   num_kv_heads, block_size, query_starts)
 
 
@@ -180,7 +180,7 @@ class Attention(nn.Module):
             raise RuntimeError("Attention.kv_cache is not bound: the worker must allocate KV caches before a forward.")
         k_cache, v_cache = self.kv_cache
         md = get_attn_metadata()
-        plan = _step_plan(md, self.num_kv_heads, k_cache.shape[2])
+        plan = step_plan(md, self.num_kv_heads, k_cache.shape[2])
         num_tokens = q.shape[0]
         # write first, so this step's own keys are visible to its queries
         if (writer := _cache_writer(k_cache)) is not None:
@@ -198,7 +198,7 @@ class Attention(nn.Module):
             out[group.rows] = self._attend(q[group.rows], group)
         return out.reshape(num_tokens, -1)
 
-    def _attend(self, q: torch.Tensor, group: _Group) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """q [rows, H, D] of the group's sequences in batch order -> [rows, H, D]."""
         k_cache, v_cache = self.kv_cache  # type: ignore[misc]
         if group.max_query_len == 1 and (kernel := _decode_kernel(q.device)) is not None:
@@ -217,12 +217,12 @@ class Attention(nn.Module):
             return self._decode(q, keys, values, group)
         return self._prefill(q, keys, values, group)
 
-    def _gather(self, cache: torch.Tensor, group: _Group) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """The group's tiles, [num_seqs, kv_heads, blocks, block_size * head_dim] (the torch path)."""
         tiles = cache.view(-1, cache.shape[2] * self.head_dim).index_select(0, group.tiles)
         return tiles.view(group.num_seqs, self.num_kv_heads, group.num_blocks, -1)
 
-    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: _Group) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         num_seqs, key_len = group.num_seqs, group.key_len
         bias = group.masks.get(self.sliding_window)
         if bias is None:
@@ -240,7 +240,7 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(q.dtype).view(flat, self.group, key_len)
         return torch.bmm(probs, values.view(flat, key_len, -1)).view(num_seqs, self.num_heads, self.head_dim)
 
-    def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: _Group) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         num_seqs, max_query_len, group_size = group.num_seqs, group.max_query_len, self.group
         valid = _valid_rows(group)
         padded = q.new_zeros(num_seqs, max_query_len, self.num_heads, self.head_dim)
@@ -255,7 +255,7 @@ class Attention(nn.Module):
         out = out.view(num_seqs, self.num_kv_heads, group_size, max_query_len, -1).permute(0, 3, 1, 2, 4)
         return out.reshape(num_seqs, max_query_len, self.num_heads, self.head_dim)[valid]
 
-    def _prefill_mask(self, group: _Group, device: torch.device) -> torch.Tensor:
+    def _prefill_mask(self, group: AttentionGroup, device: torch.device) -> torch.Tensor:
         """[S, 1, group * Q, L]: key pos <= query pos (and inside the window); padding rows act as the
         last real row, so no row is fully masked."""
         query_lens = torch.tensor(group.query_lens, device=device)
@@ -274,7 +274,7 @@ class Attention(nn.Module):
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, scale={self.scale:g}"
 
 
-def _valid_rows(group: _Group) -> torch.Tensor:
+def _valid_rows(group: AttentionGroup) -> torch.Tensor:
     if group.valid is None:
         lens = torch.tensor(group.query_lens, device=group.seq_lens.device)
         group.valid = torch.arange(group.max_query_len, device=lens.device)[None, :] < lens[:, None]

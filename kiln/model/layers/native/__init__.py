@@ -29,7 +29,7 @@ logger = init_logger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("paged_attention.cpp", "prefill_attention.cpp", "elementwise.cpp",
-                         "cache_write.cpp", "pair_packed_linear.cpp")]
+                         "cache_write.cpp", "pair_packed_linear.cpp", "decoder_stack.cpp")]
 # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it; the math flags let the compiler
 # reassociate reductions (no -ffinite-math-only: the kernels rely on -inf)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
@@ -56,6 +56,7 @@ class _Kernels:
     write_kv_cache: Callable[..., None]
     paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16 (as the pairs layout)
     pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
+    decoder_stack: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # needs pair_packed_linear
     ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
 
 
@@ -71,10 +72,11 @@ def load() -> bool:
             if not _resolved:
                 if _load():
                     ops = torch.ops.kiln_native
+                    linear = ops.pair_packed_linear_available()
                     _kernels = _Kernels(
                         ops.paged_decode_attention, ops.write_kv_cache,
                         ops.paged_prefill_attention if ops.paged_prefill_attention_available() else None,
-                        ops.pair_packed_linear if ops.pair_packed_linear_available() else None, ops)
+                        ops.pair_packed_linear if linear else None, ops.decoder_stack if linear else None, ops)
                 _resolved = True
     return _kernels is not None
 
@@ -104,6 +106,12 @@ def pair_packed_linear() -> Callable[..., torch.Tensor] | None:
     """x [M, K] @ W^T (+ bias) in bfloat16 with W from `pack_weight_pairs` (see pair_packed_linear.cpp),
     or None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
     return _kernels.pair_packed_linear if load() else None  # type: ignore[union-attr]
+
+
+def decoder_stack() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """Decoder layers chained in one call (see decoder_stack.cpp and model/native_stack.py), or None
+    where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
+    return _kernels.decoder_stack if load() else None  # type: ignore[union-attr]
 
 
 def pack_weight_pairs(weight: torch.Tensor) -> torch.Tensor:

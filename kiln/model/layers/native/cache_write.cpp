@@ -14,6 +14,8 @@
 
 #include <cstring>
 
+#include "kernels.h"
+
 namespace {
 
 void check_source(const at::Tensor& x, const at::Tensor& cache, const char* name) {
@@ -32,6 +34,10 @@ inline void write_pairs(const uint16_t* k, const uint16_t* v, uint16_t* k_tile, 
   uint16_t* v_dst = v_tile + (offset / 2) * 2 * D + (offset % 2);
   for (int64_t d = 0; d < D; ++d) v_dst[2 * d] = v[d];
 }
+
+}  // namespace
+
+namespace kiln_native {
 
 // key/value [T, KH * D] (rows may be strided), caches [blocks, KH, block_size, D] contiguous,
 // slot_mapping [T] int64 (block * block_size + offset; a negative slot is a padding token, skipped).
@@ -83,9 +89,9 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   });
 }
 
-}  // namespace
+}  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, bool pairs_layout) -> ()");
-  m.impl("write_kv_cache", c10::DispatchKey::CPU, &write_kv_cache);
+  m.impl("write_kv_cache", c10::DispatchKey::CPU, &kiln_native::write_kv_cache);
 }

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels.h"
 #include "simd_math.h"
 
 namespace {
@@ -32,6 +33,10 @@ uint16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_pt
 void check_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16");
 }
+
+}  // namespace
+
+namespace kiln_native {
 
 // (norm(x + residual) * weight, x + residual); without residual: (norm(x) * weight, x).
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
@@ -207,15 +212,15 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace
+}  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.impl("add_rms_norm", c10::DispatchKey::CPU, &add_rms_norm);
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, &kiln_native::add_rms_norm);
   m.def("silu_and_mul(Tensor x) -> Tensor");
-  m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, &kiln_native::silu_and_mul);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.impl("rotary", c10::DispatchKey::CPU, &rotary);
+  m.impl("rotary", c10::DispatchKey::CPU, &kiln_native::rotary);
   m.def("argmax_rows(Tensor x) -> Tensor");
-  m.impl("argmax_rows", c10::DispatchKey::CPU, &argmax_rows);
+  m.impl("argmax_rows", c10::DispatchKey::CPU, &kiln_native::argmax_rows);
 }

@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd_math.h"
 
 namespace {
@@ -394,6 +395,10 @@ bool pairs_layout_available() {
 #endif
 }
 
+}  // namespace
+
+namespace kiln_native {
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   int64_t sliding_window, bool pairs_layout) {
@@ -422,10 +427,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-}  // namespace
+}  // namespace kiln_native
 
 TORCH_LIBRARY(kiln_native, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, int sliding_window, bool pairs_layout) -> Tensor");
-  m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, &kiln_native::paged_decode_attention);
 }

@@ -28,6 +28,8 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
+
 namespace {
 
 constexpr int64_t kBlock = 16;    // outputs per packed block (one zmm of float32 sums)
@@ -136,6 +138,10 @@ void panel_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_
 
 #endif
 
+}  // namespace
+
+namespace kiln_native {
+
 // x [M, K] bf16 (rows may be strided), packed from pack_weight_pairs of a [N, K] weight -> [M, N].
 at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                               int64_t out_features) {
@@ -184,7 +190,7 @@ at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
   return out;
 }
 
-}  // namespace
+}  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.def("pair_packed_linear_available() -> bool");
@@ -192,5 +198,5 @@ TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.def("pack_weight_pairs(Tensor weight) -> Tensor");
   m.impl("pack_weight_pairs", c10::DispatchKey::CPU, &pack_weight_pairs);
   m.def("pair_packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
-  m.impl("pair_packed_linear", c10::DispatchKey::CPU, &pair_packed_linear);
+  m.impl("pair_packed_linear", c10::DispatchKey::CPU, &kiln_native::pair_packed_linear);
 }

@@ -26,6 +26,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd_math.h"
 
 namespace {
@@ -179,6 +180,10 @@ bool paged_prefill_attention_available() {
 #endif
 }
 
+}  // namespace
+
+namespace kiln_native {
+
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                    const at::Tensor& query_starts, double scale, int64_t sliding_window) {
@@ -209,7 +214,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   return out;
 }
 
-}  // namespace
+}  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.def("paged_prefill_attention_available() -> bool");
@@ -217,5 +222,5 @@ TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
          &paged_prefill_attention_available);
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_starts, float scale, int sliding_window) -> Tensor");
-  m.impl("paged_prefill_attention", c10::DispatchKey::CPU, &paged_prefill_attention);
+  m.impl("paged_prefill_attention", c10::DispatchKey::CPU, &kiln_native::paged_prefill_attention);
 }

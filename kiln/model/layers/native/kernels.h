@@ -1,0 +1,27 @@
+// The tensor-level entry points of the kernels, for C++ callers in this library (decoder_stack.cpp
+// chains them without a trip through Python and the dispatcher). Each is also a torch op of the
+// same name in `torch.ops.kiln_native`; the .cpp files that define them document their contracts.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace kiln_native {
+
+at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                              int64_t out_features);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps);
+at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping, bool pairs_layout);
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  int64_t sliding_window, bool pairs_layout);
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   const at::Tensor& query_starts, double scale, int64_t sliding_window);
+
+}  // namespace kiln_native
