@@ -22,7 +22,7 @@ from kiln.model.layers.embedding import LMHead, VocabEmbedding
 from kiln.model.layers.layernorm import RMSNorm
 from kiln.model.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader
 from kiln.model.layers.rotary import RotaryEmbedding, apply_rotary
-from kiln.model.native_stack import NativeDecoderStack
+from kiln.model.native_stack import NativeDecoderStack, NativeLayerWeights
 
 
 def head_dim_of(config: Any) -> int:
@@ -112,24 +112,30 @@ class DecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
-    def native_weights(self) -> list[torch.Tensor] | None:
-        """What native/decoder_stack.cpp reads for this layer (norm, qkv, o, norm, gate_up, down), or
-        None when the layer must run as modules: the native stack chains exactly the kernels of the
-        forwards above, so it takes only layers that run them (pair-packed weights without biases,
-        no q/k norms, SiLU, and no subclass with forwards of its own)."""
+    def native_weights(self) -> NativeLayerWeights | None:
+        """What native/decoder_stack.cpp reads for this layer, or None when the layer must run as
+        modules: the native stack chains exactly the kernels of the forwards above, so it takes only
+        layers that run them (pair-packed weights, SiLU, and no subclass with forwards of its own)."""
         attn, mlp = self.self_attn, self.mlp
         if (type(self).forward is not DecoderLayer.forward or type(attn).forward is not RopeAttention.forward
                 or type(mlp).forward is not GatedMLP.forward or type(mlp.act_fn) is not SiluAndMul
-                or type(attn.attn).forward is not Attention.forward or attn.q_norm is not None
-                or any(type(norm).forward is not RMSNorm.forward
-                       for norm in (self.input_layernorm, self.post_attention_layernorm))):
+                or type(attn.attn).forward is not Attention.forward
+                or any(norm is not None and type(norm).forward is not RMSNorm.forward for norm in
+                       (self.input_layernorm, self.post_attention_layernorm, attn.q_norm, attn.k_norm))):
             return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(linear.packed_weight is None or linear.bias is not None for linear in linears) or \
-                native.pair_packed_linear() is None:
+        if any(linear.packed_weight is None for linear in linears) or native.pair_packed_linear() is None:
             return None
-        return [self.input_layernorm.weight, attn.qkv_proj.packed_weight, attn.o_proj.packed_weight,
-                self.post_attention_layernorm.weight, mlp.gate_up_proj.packed_weight, mlp.down_proj.packed_weight]
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        qk_norms = [attn.q_norm, attn.k_norm] if attn.q_norm is not None and attn.k_norm is not None else []
+        return NativeLayerWeights(
+            weights=[self.input_layernorm.weight, attn.qkv_proj.packed_weight, attn.o_proj.packed_weight,
+                     self.post_attention_layernorm.weight, mlp.gate_up_proj.packed_weight,
+                     mlp.down_proj.packed_weight],
+            biases=[linear.bias for linear in linears],
+            qk_norms=[norm.weight for norm in qk_norms],
+            eps={norm.eps for norm in norms + qk_norms},
+        )
 
 
 class DecoderModel(nn.Module):

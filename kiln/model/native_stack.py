@@ -5,7 +5,7 @@ module calls, dispatcher trips and tensor views around ~300 small kernels. `deco
 the same kernels, in the same order, from C++, so the results are bitwise those of the module path.
 
 It takes a model whose every layer offers `native_weights()` (model/common.py says when: pair-packed
-bfloat16 weights without biases, no q/k norms, SiLU, no subclass overriding a forward), all layers
+bfloat16 weights, SiLU, no subclass overriding a forward; biases and Qwen3's q/k norms are fine), all layers
 bound to caches of one layout, and a step whose attention groups are contiguous rows (decodes
 first, as the scheduler orders them) with any prefill group on pairs-layout caches, which the
 native prefill kernel reads. Anything else runs the modules, which stay the reference.
@@ -14,6 +14,7 @@ native prefill kernel reads. Anything else runs the modules, which stay the refe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,14 +24,26 @@ from kiln.model.layers import native
 from kiln.model.layers.attention import Attention, step_plan
 
 
+@dataclass
+class NativeLayerWeights:
+    """One layer's tensors in the order decoder_stack reads them."""
+
+    weights: list[torch.Tensor]  # input norm, qkv, o, post-attention norm, gate_up, down (packed)
+    biases: list[torch.Tensor | None]  # qkv, o, gate_up, down
+    qk_norms: list[torch.Tensor]  # q norm, k norm; empty without them
+    eps: set[float]  # of all the layer's norms
+
+
 class NativeDecoderStack:
     """The flat argument lists of `decoder_stack` for one binding of the layers' KV caches."""
 
-    def __init__(self, attentions: Sequence[Attention], weights: list[torch.Tensor], eps: float,
+    def __init__(self, attentions: Sequence[Attention], layers: Sequence[NativeLayerWeights], eps: float,
                  intermediate_size: int) -> None:
         first = attentions[0]
         self.bound = first.kv_cache  # the binding these lists were built for
-        self.weights = weights
+        self.weights = [w for layer in layers for w in layer.weights]
+        self.biases = [b for layer in layers for b in layer.biases]
+        self.qk_norms = [w for layer in layers for w in layer.qk_norms]
         self.k_caches = [a.kv_cache[0] for a in attentions]  # type: ignore[index]
         self.v_caches = [a.kv_cache[1] for a in attentions]  # type: ignore[index]
         self.windows = [a.sliding_window or 0 for a in attentions]
@@ -51,13 +64,13 @@ class NativeDecoderStack:
         attentions = [layer.self_attn.attn for layer in layers]
         first = attentions[0]
         same = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale, a.pairs_layout) for a in attentions}
-        eps = {layer.input_layernorm.eps for layer in layers} | {layer.post_attention_layernorm.eps for layer in layers}
-        if (any(a.kv_cache is None for a in attentions) or len(same) != 1 or len(eps) != 1
+        eps = set().union(*(weights.eps for weights in per_layer))  # type: ignore[union-attr]
+        has_qk_norms = {bool(weights.qk_norms) for weights in per_layer}  # type: ignore[union-attr]
+        if (any(a.kv_cache is None for a in attentions) or len(same) != 1 or len(eps) != 1 or len(has_qk_norms) != 1
                 or first.kv_cache[0].dtype != torch.bfloat16  # type: ignore[index]
                 or first.kv_cache[0].device.type != "cpu"):  # type: ignore[index]
             return None
-        weights = [w for layer_weights in per_layer for w in layer_weights]  # type: ignore[union-attr]
-        return cls(attentions, weights, eps.pop(), layers[0].mlp.down_proj.input_size)
+        return cls(attentions, per_layer, eps.pop(), layers[0].mlp.down_proj.input_size)  # type: ignore[arg-type]
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(hidden, residual) after the last layer, or None when this step's batch must run as modules."""
@@ -81,6 +94,6 @@ class NativeDecoderStack:
         d_begin, d_end, d_tables, d_lens = decode or (0, 0, None, None)
         p_begin, p_end, p_tables, p_lens, p_starts = prefill or (0, 0, None, None, None)
         return self.kernel(
-            hidden, cos, sin, self.weights, self.k_caches, self.v_caches, self.windows, md.slot_mapping,
+            hidden, cos, sin, self.weights, self.biases, self.qk_norms, self.k_caches, self.v_caches, self.windows, md.slot_mapping,
             d_begin, d_end, d_tables, d_lens, p_begin, p_end, p_tables, p_lens, p_starts,
             self.num_heads, self.num_kv_heads, self.intermediate_size, self.eps, self.scale, self.pairs_layout)

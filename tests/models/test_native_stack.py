@@ -1,8 +1,8 @@
 """The native decoder stack (model/native_stack.py) chains the module path's own kernels, so its logits
 must be bitwise those of the modules for every step shape it takes: decode-only, prefill-only and
-mixed batches in either order, with and without a sliding window. Steps it cannot take (a prefill
-over rows-layout caches, groups that are not contiguous rows) and models it cannot run (biases,
-q/k norms, float32) must fall back to the modules, not fail."""
+mixed batches in either order, with a sliding window, biases and Qwen3's q/k norms. Steps it cannot
+take (a prefill over rows-layout caches, groups that are not contiguous rows) and models it cannot
+run (float32, a layer with a forward of its own) must fall back to the modules, not fail."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ pytestmark = pytest.mark.skipif(native.decoder_stack() is None,
 
 def _save(tmp_path, family: str, **extra) -> str:
     torch.manual_seed(0)
-    if family == "qwen2":
+    if family == "qwen2":  # q/k/v biases
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, **extra))
+    elif family == "qwen3":  # per-head q/k norms
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, head_dim=32, **extra))
     elif family == "mistral":
         hf = transformers.MistralForCausalLM(transformers.MistralConfig(**TINY, sliding_window=8, **extra))
     else:
@@ -81,9 +83,13 @@ STEPS = [
 ]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_native_stack_gives_bitwise_the_module_logits(family, tmp_path, make_kv_cache, run_step, native_calls):
-    path = _save(tmp_path, family)
+@pytest.mark.parametrize(("family", "extra"), [
+    ("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
+    ("llama", {"attention_bias": True, "mlp_bias": True}),
+])
+def test_native_stack_gives_bitwise_the_module_logits(family, extra, tmp_path, make_kv_cache, run_step,
+                                                      native_calls):
+    path = _save(tmp_path, family, **extra)
     fused, modules = _load(path), _modules_only(_load(path))
     got = _run(fused, STEPS, 16, make_kv_cache, run_step)
     assert native_calls == [True] * len(STEPS)  # every step ran natively
@@ -111,14 +117,23 @@ def test_steps_the_stack_cannot_take_run_the_modules(tmp_path, make_kv_cache, ru
         assert torch.equal(g, e)
 
 
-@pytest.mark.parametrize(("family", "dtype", "extra"), [
-    ("qwen2", "bfloat16", {}),  # q/k/v biases
-    ("llama", "bfloat16", {"mlp_bias": True}),
-    ("llama", "float32", {}),  # no packed weights
-])
-def test_models_the_stack_cannot_run_keep_the_modules(family, dtype, extra, tmp_path, make_kv_cache):
-    model = _load(_save(tmp_path, family, **extra), dtype)
+def test_float32_models_keep_the_modules(tmp_path, make_kv_cache):
+    model = _load(_save(tmp_path, "llama"), "float32")  # no packed weights
     make_kv_cache(model, num_blocks=8, block_size=16)
+    assert model.model.native_stack() is None
+
+
+def test_a_layer_with_a_forward_of_its_own_keeps_the_modules(tmp_path, make_kv_cache, monkeypatch):
+    model = _load(_save(tmp_path, "llama"))
+    make_kv_cache(model, num_blocks=8, block_size=16)
+    layer = model.model.layers[1]
+    base = type(layer)
+
+    def forward(self, *args):  # a subclass's own forward, even one that defers to the base
+        return base.forward(self, *args)
+
+    monkeypatch.setattr(layer, "__class__", type("Custom", (base,), {"forward": forward}))
+    assert layer.native_weights() is None
     assert model.model.native_stack() is None
 
 
