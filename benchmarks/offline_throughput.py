@@ -34,13 +34,16 @@ def run_kiln(args: argparse.Namespace, prompts: list[list[int]]) -> float:
 
 
 def run_transformers(args: argparse.Namespace, prompts: list[list[int]]) -> float:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     from kiln.config import default_model_path
 
     path = default_model_path()
+    # dequantized at load: the dense model in --dtype, as kiln runs it (transformers 5 otherwise keeps
+    # the GGUF's 4-bit blocks and dequantizes them in every matmul)
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, args.dtype)
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, args.dtype),
+        quantization_config=GgufConfig(dequantize=True),
     ).eval()
     batch = torch.tensor(prompts)  # equal lengths: no padding needed
     with torch.inference_mode():
