@@ -56,19 +56,19 @@ class NativeDecoderStack:
     @classmethod
     def build(cls, layers: Sequence[Any]) -> NativeDecoderStack | None:
         """The stack for `layers` as bound now, or None when any layer must run as modules."""
-        if native.decoder_stack() is None or not layers:
+        attentions = [layer.self_attn.attn for layer in layers]
+        caches = [a.kv_cache for a in attentions]
+        # the device first: elsewhere than on CPU nothing below (nor the kernels' build) is needed
+        if (not layers or any(c is None or c[0].device.type != "cpu" or c[0].dtype != torch.bfloat16 for c in caches)
+                or native.decoder_stack() is None):
             return None
         per_layer = [layer.native_weights() for layer in layers]
         if any(weights is None for weights in per_layer):
             return None
-        attentions = [layer.self_attn.attn for layer in layers]
-        first = attentions[0]
         same = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale, a.pairs_layout) for a in attentions}
         eps = set().union(*(weights.eps for weights in per_layer))  # type: ignore[union-attr]
         has_qk_norms = {bool(weights.qk_norms) for weights in per_layer}  # type: ignore[union-attr]
-        if (any(a.kv_cache is None for a in attentions) or len(same) != 1 or len(eps) != 1 or len(has_qk_norms) != 1
-                or first.kv_cache[0].dtype != torch.bfloat16  # type: ignore[index]
-                or first.kv_cache[0].device.type != "cpu"):  # type: ignore[index]
+        if len(same) != 1 or len(eps) != 1 or len(has_qk_norms) != 1:
             return None
         return cls(attentions, per_layer, eps.pop(), layers[0].mlp.down_proj.input_size)  # type: ignore[arg-type]
 
