@@ -18,6 +18,7 @@ from kiln.errors import InvalidRequestError
 from kiln.model.layers.activation import SiluAndMul, get_gated_act
 from kiln.model.layers import native
 from kiln.model.layers.attention import Attention
+from kiln.model.layers.cpu_gemm import is_pair_packed
 from kiln.model.layers.embedding import LMHead, VocabEmbedding
 from kiln.model.layers.layernorm import RMSNorm
 from kiln.model.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader
@@ -76,16 +77,25 @@ class RopeAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down_proj(act(gate_proj(x)) * up_proj(x)), gate and up fused into one matmul."""
+    """down_proj(act(gate_proj(x)) * up_proj(x)), gate and up fused into one matmul. With pair-packed
+    weights, SiLU and an intermediate size of whole 16-column blocks, the activation is fused into
+    that matmul too (native/pair_packed_linear.cpp; bitwise the same values, one memory round trip
+    of the [T, 2 * intermediate] products less)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False) -> None:
         super().__init__()
+        self.intermediate_size = intermediate_size
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act_fn = get_gated_act(hidden_act)
+        self.fusable = type(self.act_fn) is SiluAndMul and intermediate_size % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if (self.fusable and gate_up.packed_weight is not None and is_pair_packed(gate_up.packed_weight)
+                and (fused := native.pair_packed_silu_gate_up()) is not None):
+            return self.down_proj(fused(x, gate_up.packed_weight, gate_up.bias, self.intermediate_size))
+        return self.down_proj(self.act_fn(gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -124,7 +134,8 @@ class DecoderLayer(nn.Module):
                        (self.input_layernorm, self.post_attention_layernorm, attn.q_norm, attn.k_norm))):
             return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(linear.packed_weight is None for linear in linears) or native.pair_packed_linear() is None:
+        if (any(linear.packed_weight is None or not is_pair_packed(linear.packed_weight) for linear in linears)
+                or native.pair_packed_linear() is None):
             return None
         norms = [self.input_layernorm, self.post_attention_layernorm]
         qk_norms = [attn.q_norm, attn.k_norm] if attn.q_norm is not None and attn.k_norm is not None else []

@@ -105,3 +105,24 @@ def test_pair_packed_kernel_rounds_like_a_bfloat16_product(rows, in_features, ou
     assert kernel(x[:0], packed, None, out_features).shape == (0, out_features)
     with pytest.raises(RuntimeError, match="features"):
         kernel(x[:, 1:3], packed, None, out_features)
+
+
+# rows around the 8-row tile; intermediate sizes of whole 48-column panels, a 2-block and a 1-block
+# tail panel; odd in features (a padded pair)
+@pytest.mark.parametrize("rows,in_features,intermediate", [
+    (1, 64, 48), (3, 101, 80), (8, 576, 1536), (13, 64, 64), (64, 128, 16), (70, 66, 96)])
+def test_fused_silu_gate_up_is_bitwise_silu_and_mul_of_the_product(rows, in_features, intermediate):
+    fused, kernel = native.pair_packed_silu_gate_up(), native.pair_packed_linear()
+    if fused is None or kernel is None:
+        pytest.skip("no AVX512-BF16 kernels on this machine")
+    torch.manual_seed(1)
+    x = (3 * torch.randn(rows, 2 * in_features)).bfloat16()[:, ::2]  # strided rows; wide gate values
+    weight = torch.randn(2 * intermediate, in_features).bfloat16()
+    packed = native.pack_weight_pairs(weight)
+    ops = native.fused_bf16_ops(x)
+    for bias in (None, torch.randn(2 * intermediate).bfloat16()):
+        expected = ops.silu_and_mul(kernel(x, packed, bias, 2 * intermediate))
+        got = fused(x, packed, bias, intermediate)
+        assert got.shape == (rows, intermediate) and torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        fused(x, packed, None, intermediate - 8)

@@ -44,6 +44,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
+def is_pair_packed(packed: torch.Tensor) -> bool:
+    """Whether `pack_weight` packed this weight for the native kernels ([blocks, pairs, 32]; oneDNN's is 2-D)."""
+    return packed.dim() == 3
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                   out_features: int) -> torch.Tensor:
     """x [..., in] @ W^T + bias with W packed by `pack_weight`."""

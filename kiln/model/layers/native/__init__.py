@@ -56,6 +56,7 @@ class _Kernels:
     write_kv_cache: Callable[..., None]
     paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16 (as the pairs layout)
     pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
+    pair_packed_silu_gate_up: Callable[..., torch.Tensor] | None  # as pair_packed_linear
     decoder_stack: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # needs pair_packed_linear
     ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
 
@@ -76,7 +77,8 @@ def load() -> bool:
                     _kernels = _Kernels(
                         ops.paged_decode_attention, ops.write_kv_cache,
                         ops.paged_prefill_attention if ops.paged_prefill_attention_available() else None,
-                        ops.pair_packed_linear if linear else None, ops.decoder_stack if linear else None, ops)
+                        ops.pair_packed_linear if linear else None, ops.pair_packed_silu_gate_up if linear else None,
+                        ops.decoder_stack if linear else None, ops)
                 _resolved = True
     return _kernels is not None
 
@@ -106,6 +108,13 @@ def pair_packed_linear() -> Callable[..., torch.Tensor] | None:
     """x [M, K] @ W^T (+ bias) in bfloat16 with W from `pack_weight_pairs` (see pair_packed_linear.cpp),
     or None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
     return _kernels.pair_packed_linear if load() else None  # type: ignore[union-attr]
+
+
+def pair_packed_silu_gate_up() -> Callable[..., torch.Tensor] | None:
+    """silu(gate) * up straight from x and a pair-packed [2I, K] gate | up weight (I a multiple of
+    16; see pair_packed_linear.cpp), bitwise silu_and_mul(pair_packed_linear(...)); None where the
+    pair-packed kernels are unavailable."""
+    return _kernels.pair_packed_silu_gate_up if load() else None  # type: ignore[union-attr]
 
 
 def decoder_stack() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:

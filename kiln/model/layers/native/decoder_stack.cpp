@@ -16,7 +16,7 @@
 //   with them (Qwen3): q = rotary(rms_norm(q heads, q_norm)), k = rotary(rms_norm(k heads, k_norm))
 //   v = qkv[:, q+k:]; write k, v to the layer's caches at slot_mapping; attend (decode rows, prefill rows)
 //   hidden = attn @ Wo + bo;  x, residual = add_rms_norm(hidden, residual, post_norm)
-//   hidden = silu_and_mul(x @ Wgate_up + bgate_up) @ Wdown + bdown
+//   hidden = silu_and_mul(x @ Wgate_up + bgate_up) @ Wdown + bdown  (one fused kernel up to the down product)
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -127,8 +127,10 @@ std::tuple<at::Tensor, at::Tensor> decoder_stack(
     }
     const at::Tensor projected = pair_packed_linear(attn.view({T, q_size}), w[2], bias(1), H);
     std::tie(normed, residual) = add_rms_norm(projected, residual, w[3], eps);
-    const at::Tensor gate_up = pair_packed_linear(normed, w[4], bias(2), 2 * intermediate_size);
-    x = pair_packed_linear(silu_and_mul(gate_up), w[5], bias(3), H);
+    const at::Tensor gated = intermediate_size % 16 == 0  // as GatedMLP.forward chooses
+                                 ? pair_packed_silu_gate_up(normed, w[4], bias(2), intermediate_size)
+                                 : silu_and_mul(pair_packed_linear(normed, w[4], bias(2), 2 * intermediate_size));
+    x = pair_packed_linear(gated, w[5], bias(3), H);
   }
   return {x, residual};
 }

@@ -11,6 +11,8 @@ namespace kiln_native {
 
 at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                               int64_t out_features);
+at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                    int64_t intermediate_size);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                                 const at::Tensor& weight, double eps);
 at::Tensor silu_and_mul(const at::Tensor& x);

@@ -29,6 +29,7 @@
 #endif
 
 #include "kernels.h"
+#include "simd_math.h"
 
 namespace {
 
@@ -67,13 +68,12 @@ at::Tensor pack_weight_pairs(const at::Tensor& weight) {
 
 #if defined(__AVX512BF16__)
 
-// Rows [0, R) of x times blocks [0, NB) of the panel starting at `w`; writes out[m][0, width).
+// The products of rows [0, R) of x with blocks [0, NB) of the panel starting at `w`, into acc.
 // Meanwhile prefetches `ahead_lines` cache lines from `ahead` (the next panel) into L2.
 template <int R, int NB>
-inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t pairs, const float* bias,
-                       uint16_t* out, int64_t out_stride, int64_t width, const uint16_t* ahead, int64_t ahead_lines) {
+inline void tile_products(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t pairs, __m512 (&acc)[R][NB],
+                          const uint16_t* ahead, int64_t ahead_lines) {
   const int64_t lines_per_pair = (ahead_lines + pairs - 1) / pairs;
-  __m512 acc[R][NB];
 #pragma GCC unroll 8
   for (int m = 0; m < R; ++m)
 #pragma GCC unroll 3
@@ -94,6 +94,14 @@ inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, i
       for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], wv[b], xv);
     }
   }
+}
+
+// Rows [0, R) of x times blocks [0, NB) of the panel starting at `w`; writes out[m][0, width).
+template <int R, int NB>
+inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t pairs, const float* bias,
+                       uint16_t* out, int64_t out_stride, int64_t width, const uint16_t* ahead, int64_t ahead_lines) {
+  __m512 acc[R][NB];
+  tile_products<R, NB>(x, x_stride, w, pairs, acc, ahead, ahead_lines);
 #pragma GCC unroll 8
   for (int m = 0; m < R; ++m) {
 #pragma GCC unroll 3
@@ -105,6 +113,46 @@ inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, i
       const __mmask16 mask = n == kBlock ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
       if (bias != nullptr) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias + col));
       _mm256_mask_storeu_epi16(out + m * out_stride + col, mask, (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+  }
+}
+
+// The bfloat16 value a product's output holds (the rounding panel_tile stores), widened back.
+inline __m512 stored_bf16(__m512 sum) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
+}
+
+// silu(x Wg^T + bg) * (x Wu^T + bu) for rows [0, R) over NB full blocks of the gate panel at `wg` and
+// the up panel at `wu`. Each product is rounded to bfloat16 as panel_tile stores it, then combined
+// exactly as silu_and_mul (elementwise.cpp) combines them, so the result is bitwise the unfused one.
+template <int R, int NB>
+inline void gated_tile(const uint16_t* x, int64_t x_stride, const uint16_t* wg, const uint16_t* wu, int64_t pairs,
+                       const float* bg, const float* bu, uint16_t* out, int64_t out_stride, const uint16_t* ahead_g,
+                       const uint16_t* ahead_u, int64_t ahead_lines) {
+  alignas(64) float gate[R][NB][kBlock];
+  {
+    __m512 acc[R][NB];
+    tile_products<R, NB>(x, x_stride, wg, pairs, acc, ahead_g, ahead_lines);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m)
+#pragma GCC unroll 3
+      for (int b = 0; b < NB; ++b) {
+        const __m512 sum = bg != nullptr ? _mm512_add_ps(acc[m][b], _mm512_loadu_ps(bg + b * kBlock)) : acc[m][b];
+        _mm512_store_ps(gate[m][b], stored_bf16(sum));
+      }
+  }
+  __m512 acc[R][NB];
+  tile_products<R, NB>(x, x_stride, wu, pairs, acc, ahead_u, ahead_lines);
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+#pragma GCC unroll 3
+    for (int b = 0; b < NB; ++b) {
+      const __m512 up = stored_bf16(bu != nullptr ? _mm512_add_ps(acc[m][b], _mm512_loadu_ps(bu + b * kBlock)) : acc[m][b]);
+      const __m512 g = _mm512_load_ps(gate[m][b]);
+      const __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.f), kiln_native::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+      const __m512 silu = kiln_native::round_bf16x16(_mm512_div_ps(g, denominator));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * out_stride + b * kBlock),
+                          kiln_native::to_bf16x16(_mm512_mul_ps(silu, up)));
     }
   }
 }
@@ -136,7 +184,68 @@ void panel_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_
   }
 }
 
+// All rows against one gate panel and its up panel (see panel_rows).
+template <int NB>
+void gated_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_t* wg, const uint16_t* wu,
+                int64_t pairs, const float* bg, const float* bu, uint16_t* out, int64_t out_stride,
+                const uint16_t* ahead_g, const uint16_t* ahead_u, int64_t ahead_lines) {
+  const int64_t last_full = rows % kTileRows ? rows : rows - kTileRows;
+  int64_t m = 0;
+  for (; m + kTileRows <= rows; m += kTileRows) {
+    const int64_t lines = m == last_full ? ahead_lines : 0;
+    gated_tile<kTileRows, NB>(x + m * x_stride, x_stride, wg, wu, pairs, bg, bu, out + m * out_stride, out_stride,
+                              ahead_g, ahead_u, lines);
+  }
+  const uint16_t* xs = x + m * x_stride;
+  uint16_t* os = out + m * out_stride;
+#define KILN_GATED_TILE(R) gated_tile<R, NB>(xs, x_stride, wg, wu, pairs, bg, bu, os, out_stride, ahead_g, ahead_u, ahead_lines)
+  switch (rows - m) {
+    case 7: KILN_GATED_TILE(7); break;
+    case 6: KILN_GATED_TILE(6); break;
+    case 5: KILN_GATED_TILE(5); break;
+    case 4: KILN_GATED_TILE(4); break;
+    case 3: KILN_GATED_TILE(3); break;
+    case 2: KILN_GATED_TILE(2); break;
+    case 1: KILN_GATED_TILE(1); break;
+    default: break;
+  }
+#undef KILN_GATED_TILE
+}
+
 #endif
+
+// x and the bias as the tiles read them: rows with unit stride and an even width (odd K: the packed
+// weight's last pair has a zero second half, but x must not be read past its row), bias in float32.
+struct TileInputs {
+  at::Tensor x, bias;
+  const uint16_t* x_bits = nullptr;
+  const float* bias_f32 = nullptr;
+  int64_t x_stride = 0;
+};
+
+TileInputs tile_inputs(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                       int64_t out_features) {
+  TORCH_CHECK(pair_packed_linear_available(), "pair_packed_linear needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [M, K]");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kBFloat16,
+              "packed must come from pack_weight_pairs");
+  const int64_t K = x.size(1), pairs = packed.size(1), blocks = packed.size(0);
+  TORCH_CHECK(pairs == (K + 1) / 2, "x has ", K, " features, the packed weight ", 2 * pairs);
+  TORCH_CHECK(out_features > (blocks - 1) * kBlock && out_features <= blocks * kBlock, "out_features ",
+              out_features, " does not match the packed weight");
+  TileInputs in;
+  in.x = x.stride(1) == 1 ? x : x.contiguous();
+  if (K % 2) in.x = at::constant_pad_nd(in.x, {0, 1});
+  in.x_bits = reinterpret_cast<const uint16_t*>(in.x.data_ptr());
+  in.x_stride = in.x.stride(0);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == out_features, "bias must have out_features elements");
+    in.bias = bias->to(at::kFloat).contiguous();
+    in.bias_f32 = in.bias.data_ptr<float>();
+  }
+  return in;
+}
 
 }  // namespace
 
@@ -145,32 +254,16 @@ namespace kiln_native {
 // x [M, K] bf16 (rows may be strided), packed from pack_weight_pairs of a [N, K] weight -> [M, N].
 at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                               int64_t out_features) {
-  TORCH_CHECK(pair_packed_linear_available(), "pair_packed_linear needs a CPU with AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [M, K]");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kBFloat16,
-              "packed must come from pack_weight_pairs");
-  const int64_t M = x.size(0), K = x.size(1), pairs = packed.size(1), blocks = packed.size(0);
-  TORCH_CHECK(pairs == (K + 1) / 2, "x has ", K, " features, the packed weight ", 2 * pairs);
-  TORCH_CHECK(out_features > (blocks - 1) * kBlock && out_features <= blocks * kBlock, "out_features ",
-              out_features, " does not match the packed weight");
+  const TileInputs in = tile_inputs(x, packed, bias, out_features);
+  const int64_t M = x.size(0), pairs = packed.size(1), blocks = packed.size(0);
   auto out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
 #if defined(__AVX512BF16__)
-  // odd K: the packed weight's last pair has a zero second half, but x must not be read past its row
-  at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
-  if (K % 2) xs = at::constant_pad_nd(xs, {0, 1});
-  at::Tensor bias_f32;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == out_features, "bias must have out_features elements");
-    bias_f32 = bias->to(at::kFloat).contiguous();
-    bp = bias_f32.data_ptr<float>();
-  }
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
+  const uint16_t* xp = in.x_bits;
+  const float* bp = in.bias_f32;
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t x_stride = xs.stride(0), block_elems = pairs * 2 * kBlock;
+  const int64_t x_stride = in.x_stride, block_elems = pairs * 2 * kBlock;
   const int64_t panels = (blocks + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
@@ -190,6 +283,41 @@ at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
   return out;
 }
 
+// silu(x Wg^T + bg) * (x Wu^T + bu) -> [M, I] from the packed [2I, K] gate | up weight (I a multiple
+// of 16, so that gate and up blocks do not share a block): bitwise silu_and_mul(pair_packed_linear),
+// without writing the [M, 2I] products to memory and reading them back.
+at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                    int64_t intermediate_size) {
+  TORCH_CHECK(intermediate_size > 0 && intermediate_size % kBlock == 0, "intermediate_size must be a multiple of 16");
+  const TileInputs in = tile_inputs(x, packed, bias, 2 * intermediate_size);
+  const int64_t M = x.size(0), pairs = packed.size(1), gate_blocks = intermediate_size / kBlock;
+  auto out = at::empty({M, intermediate_size}, x.options());
+  if (M == 0) return out;
+#if defined(__AVX512BF16__)
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t block_elems = pairs * 2 * kBlock, up_offset = gate_blocks * block_elems;
+  const int64_t panels = (gate_blocks + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t b0 = panel * kPanel, nb = std::min(kPanel, gate_blocks - b0), col = b0 * kBlock;
+      const uint16_t* wg = wp + b0 * block_elems;
+      const float* bg = in.bias_f32 != nullptr ? in.bias_f32 + col : nullptr;
+      const float* bu = in.bias_f32 != nullptr ? in.bias_f32 + intermediate_size + col : nullptr;
+      const int64_t ahead_lines = panel + 1 < end ? std::min(kPanel, gate_blocks - b0 - nb) * pairs : 0;
+      const uint16_t* ahead_g = wg + nb * block_elems;
+#define KILN_GATED_ROWS(NB) gated_rows<NB>(M, in.x_bits, in.x_stride, wg, wg + up_offset, pairs, bg, bu, op + col, \
+                                           intermediate_size, ahead_g, ahead_g + up_offset, ahead_lines)
+      if (nb == 3) KILN_GATED_ROWS(3);
+      else if (nb == 2) KILN_GATED_ROWS(2);
+      else KILN_GATED_ROWS(1);
+#undef KILN_GATED_ROWS
+    }
+  });
+#endif
+  return out;
+}
+
 }  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
@@ -199,4 +327,6 @@ TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.impl("pack_weight_pairs", c10::DispatchKey::CPU, &pack_weight_pairs);
   m.def("pair_packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.impl("pair_packed_linear", c10::DispatchKey::CPU, &kiln_native::pair_packed_linear);
+  m.def("pair_packed_silu_gate_up(Tensor x, Tensor packed, Tensor? bias, int intermediate_size) -> Tensor");
+  m.impl("pair_packed_silu_gate_up", c10::DispatchKey::CPU, &kiln_native::pair_packed_silu_gate_up);
 }
