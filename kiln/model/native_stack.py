@@ -40,7 +40,6 @@ class NativeDecoderStack:
     def __init__(self, attentions: Sequence[Attention], layers: Sequence[NativeLayerWeights], eps: float,
                  intermediate_size: int) -> None:
         first = attentions[0]
-        self.bound = first.kv_cache  # the binding these lists were built for
         self.weights = [w for layer in layers for w in layer.weights]
         self.biases = [b for layer in layers for b in layer.biases]
         self.qk_norms = [w for layer in layers for w in layer.qk_norms]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import InvalidRequestError
-from kiln.model.layers.cpu_gemm import can_pack, pack_weight, packed_linear
+from kiln.model.layers.cpu_gemm import can_pack, is_pair_packed, pack_weight, packed_linear
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -45,6 +45,9 @@ class Linear(nn.Module):
             return False
         self.packed_weight = pack_weight(self.weight.data)
         self.weight.data = self.weight.data.new_empty(0)
+        if self.bias is not None and is_pair_packed(self.packed_weight):
+            # the native kernel adds biases in float32: widen once here (exact) instead of every call
+            self.bias.data = self.bias.data.float()
         return True
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:

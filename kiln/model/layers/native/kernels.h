@@ -9,6 +9,16 @@
 
 namespace kiln_native {
 
+// Whether this build has the AVX512-BF16 kernels (the pair-packed linear, the pairs KV layout and
+// the prefill attention that reads it); the build targets the machine it runs on (-march=native).
+inline bool avx512_bf16_available() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                               int64_t out_features);
 at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,

@@ -387,13 +387,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
   });
 }
 
-bool pairs_layout_available() {
-#if defined(__AVX512BF16__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool pairs_layout_available() { return kiln_native::avx512_bf16_available(); }
 
 }  // namespace
 

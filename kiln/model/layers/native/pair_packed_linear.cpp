@@ -37,13 +37,7 @@ constexpr int64_t kBlock = 16;    // outputs per packed block (one zmm of float3
 constexpr int64_t kPanel = 3;     // blocks per panel
 constexpr int64_t kTileRows = 8;  // rows per register tile
 
-bool pair_packed_linear_available() {
-#if defined(__AVX512BF16__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool pair_packed_linear_available() { return kiln_native::avx512_bf16_available(); }
 
 // weight [N, K] bf16 -> [ceil(N/16), ceil(K/2), 32] bf16 (see the header).
 at::Tensor pack_weight_pairs(const at::Tensor& weight) {
@@ -96,6 +90,11 @@ inline void tile_products(const uint16_t* x, int64_t x_stride, const uint16_t* w
   }
 }
 
+// A block's float32 sums plus its bias (none: nullptr), the lanes outside `mask` read as zero.
+inline __m512 with_bias(__m512 sum, const float* bias, __mmask16 mask = 0xFFFF) {
+  return bias != nullptr ? _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias)) : sum;
+}
+
 // Rows [0, R) of x times blocks [0, NB) of the panel starting at `w`; writes out[m][0, width).
 template <int R, int NB>
 inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t pairs, const float* bias,
@@ -108,10 +107,9 @@ inline void panel_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, i
     for (int b = 0; b < NB; ++b) {
       const int64_t col = b * kBlock;
       if (col >= width) break;
-      __m512 sum = acc[m][b];
       const int64_t n = std::min<int64_t>(kBlock, width - col);
       const __mmask16 mask = n == kBlock ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-      if (bias != nullptr) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias + col));
+      const __m512 sum = with_bias(acc[m][b], bias != nullptr ? bias + col : nullptr, mask);
       _mm256_mask_storeu_epi16(out + m * out_stride + col, mask, (__m256i)_mm512_cvtneps_pbh(sum));
     }
   }
@@ -136,10 +134,8 @@ inline void gated_tile(const uint16_t* x, int64_t x_stride, const uint16_t* wg, 
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m)
 #pragma GCC unroll 3
-      for (int b = 0; b < NB; ++b) {
-        const __m512 sum = bg != nullptr ? _mm512_add_ps(acc[m][b], _mm512_loadu_ps(bg + b * kBlock)) : acc[m][b];
-        _mm512_store_ps(gate[m][b], stored_bf16(sum));
-      }
+      for (int b = 0; b < NB; ++b)
+        _mm512_store_ps(gate[m][b], stored_bf16(with_bias(acc[m][b], bg != nullptr ? bg + b * kBlock : nullptr)));
   }
   __m512 acc[R][NB];
   tile_products<R, NB>(x, x_stride, wu, pairs, acc, ahead_u, ahead_lines);
@@ -147,7 +143,7 @@ inline void gated_tile(const uint16_t* x, int64_t x_stride, const uint16_t* wg, 
   for (int m = 0; m < R; ++m) {
 #pragma GCC unroll 3
     for (int b = 0; b < NB; ++b) {
-      const __m512 up = stored_bf16(bu != nullptr ? _mm512_add_ps(acc[m][b], _mm512_loadu_ps(bu + b * kBlock)) : acc[m][b]);
+      const __m512 up = stored_bf16(with_bias(acc[m][b], bu != nullptr ? bu + b * kBlock : nullptr));
       const __m512 g = _mm512_load_ps(gate[m][b]);
       const __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.f), kiln_native::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
       const __m512 silu = kiln_native::round_bf16x16(_mm512_div_ps(g, denominator));

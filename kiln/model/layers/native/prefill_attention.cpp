@@ -172,13 +172,7 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
 }
 #endif
 
-bool paged_prefill_attention_available() {
-#if defined(__AVX512BF16__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool paged_prefill_attention_available() { return kiln_native::avx512_bf16_available(); }
 
 }  // namespace
 
