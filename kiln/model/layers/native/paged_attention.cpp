@@ -107,6 +107,7 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
 
 constexpr int64_t kPairBlock = 16;  // keys per block in the pairs layout
 constexpr int64_t kMaxHeadsAtOnce = 4;  // query heads sharing each tile load (8 score chains, 8 V accumulators)
+constexpr int64_t kPairsAheadBlocks = 2;  // see prefetch_two_lines
 
 #if defined(__AVX512BF16__)
 
@@ -115,7 +116,6 @@ constexpr int64_t kMaxHeadsAtOnce = 4;  // query heads sharing each tile load (8
 // iterations. Issued in bursts between tiles, as the rows path does, the prefetches found the miss
 // buffers full and came to nothing (30 layers of 64 x 320 keys, scattered blocks: 41 ms with them,
 // 40 without, 26 interleaved 4 blocks ahead, 21 two ahead; the rows kernel took 30-33 alongside).
-constexpr int64_t kPairsAheadBlocks = 2;
 inline void prefetch_two_lines(const char* ahead, int64_t iteration) {
   if (ahead != nullptr) {
     __builtin_prefetch(ahead + iteration * 128, 0, 2);

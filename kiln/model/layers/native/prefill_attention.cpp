@@ -31,9 +31,9 @@
 
 namespace {
 
+#if defined(__AVX512BF16__)
 using kiln_native::exp16;
 
-#if defined(__AVX512BF16__)
 constexpr int64_t kTile = 16;    // keys per cache block, and query positions per task
 constexpr int64_t kMaxDim = 256;  // head_dim bound of the fixed-size tile buffers
 
