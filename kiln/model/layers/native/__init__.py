@@ -55,7 +55,7 @@ class _Kernels:
     paged_decode_attention: Callable[..., torch.Tensor]
     write_kv_cache: Callable[..., None]
     paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16 (as the pairs layout)
-    pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16
+    pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs with neither AVX512-BF16 nor AVX2
     pair_packed_silu_gate_up: Callable[..., torch.Tensor] | None  # as pair_packed_linear
     decoder_stack: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # needs pair_packed_linear
     ops: Any  # torch.ops.kiln_native, for the fused elementwise kernels
@@ -106,7 +106,7 @@ def _load() -> bool:
 
 def pair_packed_linear() -> Callable[..., torch.Tensor] | None:
     """x [M, K] @ W^T (+ bias) in bfloat16 with W from `pack_weight_pairs` (see pair_packed_linear.cpp),
-    or None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
+    or None where it is unavailable (no kernels, or a CPU with neither AVX512-BF16 nor AVX2 and FMA)."""
     return _kernels.pair_packed_linear if load() else None  # type: ignore[union-attr]
 
 
@@ -119,7 +119,7 @@ def pair_packed_silu_gate_up() -> Callable[..., torch.Tensor] | None:
 
 def decoder_stack() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     """Decoder layers chained in one call (see decoder_stack.cpp and model/native_stack.py), or None
-    where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
+    where it is unavailable (as pair_packed_linear)."""
     return _kernels.decoder_stack if load() else None  # type: ignore[union-attr]
 
 

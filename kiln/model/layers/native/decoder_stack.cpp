@@ -1,4 +1,5 @@
-// A whole stack of Llama-style decoder layers in one call (bfloat16, CPU with AVX512-BF16).
+// A whole stack of Llama-style decoder layers in one call (bfloat16, CPU with AVX512-BF16 or AVX2;
+// prefill groups need the pairs KV layout, so AVX512-BF16).
 //
 // A batch-1 decode step runs ~10 kernels per layer, 300 for SmolLM2's 30 layers, and in eager
 // Python each one costs a module call, a dispatcher trip and a few tensor views on top of its work:

@@ -19,6 +19,16 @@ inline bool avx512_bf16_available() {
 #endif
 }
 
+// Whether this build has the pair-packed linear kernels: AVX512-BF16, or AVX2 with FMA (float32
+// arithmetic on the widened bfloat16 weights; see pair_packed_linear.cpp).
+inline bool pair_packed_available() {
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+  return true;
+#else
+  return false;
+#endif
+}
+
 at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                               int64_t out_features);
 at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,

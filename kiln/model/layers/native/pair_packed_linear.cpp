@@ -1,4 +1,5 @@
-// y = x W^T (+ b) in bfloat16 for decode-sized batches (CPU with AVX512-BF16), W packed in pairs.
+// y = x W^T (+ b) in bfloat16 for decode-sized batches (CPU with AVX512-BF16, or AVX2 and FMA: see
+// the AVX2 section), W packed in pairs.
 //
 // A decode step multiplies every weight by 1-64 rows. oneDNN's packed products reach only ~55 % of
 // this machine's bfloat16 peak at 16 rows and ~75 % at 64 (measured on SmolLM2-135M's layers with
@@ -24,7 +25,7 @@
 
 #include <cstring>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -37,7 +38,7 @@ constexpr int64_t kBlock = 16;    // outputs per packed block (one zmm of float3
 constexpr int64_t kPanel = 3;     // blocks per panel
 constexpr int64_t kTileRows = 8;  // rows per register tile
 
-bool pair_packed_linear_available() { return kiln_native::avx512_bf16_available(); }
+bool pair_packed_linear_available() { return kiln_native::pair_packed_available(); }
 
 // weight [N, K] bf16 -> [ceil(N/16), ceil(K/2), 32] bf16 (see the header).
 at::Tensor pack_weight_pairs(const at::Tensor& weight) {
@@ -208,6 +209,87 @@ void gated_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_
 #undef KILN_GATED_TILE
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+
+// AVX2 (no bfloat16 arithmetic): the same packed weights, widened to float32 in registers and
+// multiplied by x widened once per call, with float32 FMAs. A 64-byte line of a block is two ymm:
+// outputs 0-7 and 8-15, each lane holding the pair (k, k+1) as the low and high half of 32 bits, so
+// a shift gives the even-k weights as float32 and a mask the odd-k ones: two operations per eight
+// lanes of two products. Torch's own bfloat16 product has no fast path on such CPUs (~14 GFLOP/s
+// here against ~90 for float32; see cpu_gemm.py).
+
+constexpr int64_t kAvx2TileRows = 6;  // 12 accumulators, 2 widened weights and 2 broadcasts of 16 ymm
+constexpr int64_t kAvx2ChunkRows = 64;  // rows per pass over the weight: their float32 x stays in L2
+
+// x [M, K] bfloat16 -> [M, 2 * pairs] float32 (the padded column zero).
+at::Tensor widened_rows(const uint16_t* x, int64_t x_stride, int64_t M, int64_t K, int64_t pairs) {
+  auto xf = at::zeros({M, 2 * pairs}, at::kFloat);
+  float* dst = xf.data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[m * 2 * pairs + k] = kiln_native::bf16_to_float(x[m * x_stride + k]);
+  });
+  return xf;
+}
+
+// Rows [0, R) of xf times the 16-output block at `w`: float32 sums in k order per output.
+template <int R>
+inline void block_products(const float* xf, int64_t xf_stride, const uint16_t* w, int64_t pairs, float (&sums)[R][kBlock]) {
+  __m256 acc[R][2];
+#pragma GCC unroll 6
+  for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const __m256i odd = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t p = 0; p < pairs; ++p) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // one half at a time: 2 weight registers, the broadcasts reloaded from L1
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 2 * kBlock + h * 8 * 2));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), odd_k = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+#pragma GCC unroll 6
+      for (int m = 0; m < R; ++m) {
+        const float* xm = xf + m * xf_stride + 2 * p;
+        acc[m][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xm + 1), odd_k, _mm256_fmadd_ps(_mm256_broadcast_ss(xm), even, acc[m][h]));
+      }
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < R; ++m) {
+    _mm256_storeu_ps(sums[m], acc[m][0]);
+    _mm256_storeu_ps(sums[m] + 8, acc[m][1]);
+  }
+}
+
+// Every row of [row0, row1) against one block, tile by tile; `epilogue(m, sums)` stores a row's 16 sums.
+template <typename Epilogue>
+inline void block_rows(int64_t row0, int64_t row1, const float* xf, int64_t xf_stride, const uint16_t* w,
+                       int64_t pairs, Epilogue&& epilogue) {
+  int64_t m = row0;
+  float sums[kAvx2TileRows][kBlock];
+  for (; m + kAvx2TileRows <= row1; m += kAvx2TileRows) {
+    block_products<kAvx2TileRows>(xf + m * xf_stride, xf_stride, w, pairs, sums);
+    for (int r = 0; r < kAvx2TileRows; ++r) epilogue(m + r, sums[r]);
+  }
+  const int64_t rest = row1 - m;
+  const float* xs = xf + m * xf_stride;
+  if (rest == 5) block_products<5>(xs, xf_stride, w, pairs, reinterpret_cast<float(&)[5][kBlock]>(sums));
+  else if (rest == 4) block_products<4>(xs, xf_stride, w, pairs, reinterpret_cast<float(&)[4][kBlock]>(sums));
+  else if (rest == 3) block_products<3>(xs, xf_stride, w, pairs, reinterpret_cast<float(&)[3][kBlock]>(sums));
+  else if (rest == 2) block_products<2>(xs, xf_stride, w, pairs, reinterpret_cast<float(&)[2][kBlock]>(sums));
+  else if (rest == 1) block_products<1>(xs, xf_stride, w, pairs, reinterpret_cast<float(&)[1][kBlock]>(sums));
+  for (int r = 0; r < rest; ++r) epilogue(m + r, sums[r]);
+}
+
+// `body(block, row0, row1)` over every (chunk of kAvx2ChunkRows rows, block) pair, the blocks of a
+// chunk split across threads.
+template <typename Body>
+inline void for_each_chunk_block(int64_t M, int64_t blocks, Body&& body) {
+  for (int64_t row0 = 0; row0 < M; row0 += kAvx2ChunkRows) {
+    const int64_t row1 = std::min(M, row0 + kAvx2ChunkRows);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) body(b, row0, row1);
+    });
+  }
+}
+
 #endif
 
 // x and the bias as the tiles read them: rows with unit stride and an even width (odd K: the packed
@@ -275,6 +357,19 @@ at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
       else panel_rows<1>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width, ahead, ahead_lines);
     }
   });
+#elif defined(__AVX2__) && defined(__FMA__)
+  const at::Tensor xf = widened_rows(in.x_bits, in.x_stride, M, x.size(1), pairs);
+  const float* xfp = xf.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float* bp = in.bias_f32;
+  for_each_chunk_block(M, blocks, [&](int64_t b, int64_t row0, int64_t row1) {
+    const int64_t col = b * kBlock, width = std::min(kBlock, out_features - col);
+    block_rows(row0, row1, xfp, 2 * pairs, wp + b * pairs * 2 * kBlock, pairs, [&](int64_t m, const float* sums) {
+      for (int64_t j = 0; j < width; ++j)
+        op[m * out_features + col + j] = kiln_native::float_to_bf16(bp != nullptr ? sums[j] + bp[col + j] : sums[j]);
+    });
+  });
 #endif
   return out;
 }
@@ -309,6 +404,33 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
       else KILN_GATED_ROWS(1);
 #undef KILN_GATED_ROWS
     }
+  });
+#elif defined(__AVX2__) && defined(__FMA__)
+  // each product rounded to bfloat16 and combined as silu_and_mul's scalar loop (elementwise.cpp),
+  // which is what it runs on such CPUs: bitwise the unfused result
+  const at::Tensor xf = widened_rows(in.x_bits, in.x_stride, M, x.size(1), pairs);
+  const float* xfp = xf.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float* bias_f32 = in.bias_f32;
+  const int64_t block_elems = pairs * 2 * kBlock, up_offset = gate_blocks * block_elems;
+  const int64_t chunk = std::min<int64_t>(M, kAvx2ChunkRows);
+  at::Tensor gates = at::empty({at::get_num_threads(), chunk, kBlock}, at::kFloat);
+  for_each_chunk_block(M, gate_blocks, [&](int64_t b, int64_t row0, int64_t row1) {
+    const int64_t col = b * kBlock;
+    float* gate = gates.data_ptr<float>() + at::get_thread_num() * chunk * kBlock;
+    auto bias_of = [&](int64_t offset, int64_t j) { return bias_f32 != nullptr ? bias_f32[offset + col + j] : 0.f; };
+    block_rows(row0, row1, xfp, 2 * pairs, wp + b * block_elems, pairs, [&](int64_t m, const float* sums) {
+      for (int64_t j = 0; j < kBlock; ++j) gate[(m - row0) * kBlock + j] = kiln_native::round_bf16(sums[j] + bias_of(0, j));
+    });
+    block_rows(row0, row1, xfp, 2 * pairs, wp + up_offset + b * block_elems, pairs, [&](int64_t m, const float* sums) {
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const float g = gate[(m - row0) * kBlock + j];
+        const float silu = kiln_native::round_bf16(g / (1.f + kiln_native::fast_exp(-g)));
+        op[m * intermediate_size + col + j] =
+            kiln_native::float_to_bf16(silu * kiln_native::round_bf16(sums[j] + bias_of(intermediate_size, j)));
+      }
+    });
   });
 #endif
   return out;
