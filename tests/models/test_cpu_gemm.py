@@ -108,9 +108,9 @@ def test_pair_packed_kernel_rounds_like_a_bfloat16_product(rows, in_features, ou
 
 
 # rows around the 8-row tile; intermediate sizes of whole 48-column panels, a 2-block and a 1-block
-# tail panel; odd in features (a padded pair)
+# tail panel; odd in features (a padded pair); 150 rows: the AVX2 dense path
 @pytest.mark.parametrize("rows,in_features,intermediate", [
-    (1, 64, 48), (3, 101, 80), (8, 576, 1536), (13, 64, 64), (64, 128, 16), (70, 66, 96)])
+    (1, 64, 48), (3, 101, 80), (8, 576, 1536), (13, 64, 64), (64, 128, 16), (70, 66, 96), (150, 66, 48)])
 def test_fused_silu_gate_up_is_bitwise_silu_and_mul_of_the_product(rows, in_features, intermediate):
     fused, kernel = native.pair_packed_silu_gate_up(), native.pair_packed_linear()
     if fused is None or kernel is None:
