@@ -23,7 +23,6 @@
 namespace {
 
 using kiln_native::bf16_to_float;
-using kiln_native::fast_exp;
 using kiln_native::float_to_bf16;
 using kiln_native::round_bf16;
 
@@ -113,11 +112,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
                             kiln_native::to_bf16x16(_mm512_mul_ps(silu, kiln_native::load_bf16x16(up + i))));
       }
 #endif
-      for (; i < I; ++i) {
-        const float g = bf16_to_float(gate[i]);
-        const float silu = round_bf16(g / (1.f + fast_exp(-g)));
-        row[i] = float_to_bf16(silu * bf16_to_float(up[i]));
-      }
+      for (; i < I; ++i) row[i] = kiln_native::silu_times_up(bf16_to_float(gate[i]), bf16_to_float(up[i]));
     }
   });
   auto sizes = x.sizes().vec();

@@ -223,11 +223,13 @@ constexpr int64_t kAvx2ChunkRows = 64;  // rows per pass over the weight: their 
 
 // x [M, K] bfloat16 -> [M, 2 * pairs] float32 (the padded column zero).
 at::Tensor widened_rows(const uint16_t* x, int64_t x_stride, int64_t M, int64_t K, int64_t pairs) {
-  auto xf = at::zeros({M, 2 * pairs}, at::kFloat);
+  auto xf = at::empty({M, 2 * pairs}, at::kFloat);
   float* dst = xf.data_ptr<float>();
   at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
+    for (int64_t m = begin; m < end; ++m) {
       for (int64_t k = 0; k < K; ++k) dst[m * 2 * pairs + k] = kiln_native::bf16_to_float(x[m * x_stride + k]);
+      if (K % 2) dst[m * 2 * pairs + K] = 0.f;
+    }
   });
   return xf;
 }
@@ -445,22 +447,17 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
     }
   });
 #elif defined(__AVX2__) && defined(__FMA__)
-  // each product rounded to bfloat16 and combined as silu_and_mul's scalar loop (elementwise.cpp),
-  // which is what it runs on such CPUs: bitwise the unfused result
   // dense products (see kAvx2DenseRows) leave nothing to fuse: silu_and_mul's own loop is faster
   // than the same arithmetic as an epilogue over the [M, 2I] float32 sums (2048 rows: 50 against 78 ms)
   if (M >= kAvx2DenseRows) return kiln_native::silu_and_mul(kiln_native::pair_packed_linear(x, packed, bias, 2 * intermediate_size));
+  // the tiles: each product rounded to bfloat16 and combined by silu_and_mul's own scalar step,
+  // which is what it runs on such CPUs: bitwise the unfused result
   const at::Tensor xf = widened_rows(in.x_bits, in.x_stride, M, x.size(1), pairs);
   const float* xfp = xf.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const float* bias_f32 = in.bias_f32;
   const int64_t block_elems = pairs * 2 * kBlock, up_offset = gate_blocks * block_elems;
-  auto silu_times_up = [](float gate_sum, float up_sum) {
-    const float g = kiln_native::round_bf16(gate_sum);
-    const float silu = kiln_native::round_bf16(g / (1.f + kiln_native::fast_exp(-g)));
-    return kiln_native::float_to_bf16(silu * kiln_native::round_bf16(up_sum));
-  };
   const int64_t chunk = std::min<int64_t>(M, kAvx2ChunkRows);
   at::Tensor gates = at::empty({at::get_num_threads(), chunk, kBlock}, at::kFloat);
   for_each_chunk_block(M, gate_blocks, [&](int64_t b, int64_t row0, int64_t row1) {
@@ -472,7 +469,8 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
     });
     block_rows(row0, row1, xfp, 2 * pairs, wp + up_offset + b * block_elems, pairs, [&](int64_t m, const float* sums) {
       for (int64_t j = 0; j < kBlock; ++j)
-        op[m * intermediate_size + col + j] = silu_times_up(gate[(m - row0) * kBlock + j], sums[j] + bias_of(intermediate_size, j));
+        op[m * intermediate_size + col + j] = kiln_native::silu_times_up(
+            kiln_native::round_bf16(gate[(m - row0) * kBlock + j]), kiln_native::round_bf16(sums[j] + bias_of(intermediate_size, j)));
     });
   });
 #endif

@@ -50,6 +50,13 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
+// silu(gate) * up from bfloat16 values, as silu_and_mul computes it: silu rounded to bfloat16, the
+// product rounded once (the fused gate/up kernels call this too, so that they match it bitwise)
+inline uint16_t silu_times_up(float gate, float up) {
+  const float silu = round_bf16(gate / (1.f + fast_exp(-gate)));
+  return float_to_bf16(silu * up);
+}
+
 #if defined(__AVX512F__)
 // fast_exp on 16 lanes, with the rounding step as round-to-nearest and the 2^n scaling by scalef
 inline __m512 exp16(__m512 x) {
