@@ -13,7 +13,8 @@ weights are packed once, at load:
   torch's bfloat16 product has no fast path at all (~14 GFLOP/s against ~110 for float32 on a
   2-core Zen 3 host), the kernel widens the weights in registers and multiplies in float32: all
   layers of SmolLM2-135M at 1 row 9.3-10.8 ms against 33-34 for dense float32 `F.linear` (the
-  weights stream at half the bytes), at 64 rows 127-130 against 117-132 ms.
+  weights stream at half the bytes); at 64 rows 147 against 250 ms and at 2048 rows 4.1 against
+  4.6-5.0 s (in a slower hour of the same host, `benchmarks/linear_kernels.py`).
 - Elsewhere, where oneDNN supports bfloat16, into oneDNN's layout (`_reorder_linear_weight`), which
   gives bitwise the results of `F.linear`.
 

@@ -216,9 +216,11 @@ void gated_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_
 // outputs 0-7 and 8-15, each lane holding the pair (k, k+1) as the low and high half of 32 bits, so
 // a shift gives the even-k weights as float32 and a mask the odd-k ones: two operations per eight
 // lanes of two products. Torch's own bfloat16 product has no fast path on such CPUs (~14 GFLOP/s
-// here against ~90 for float32; see cpu_gemm.py).
+// here against ~90 for float32; see cpu_gemm.py). The tiles serve every row count: once they fit
+// the 16 ymm registers without spills, they matched or beat MKL's sgemm over a float32 copy of the
+// weights from 1 to 2048 rows (all layers of SmolLM2-135M at 128 rows: 316 against 535 ms).
 
-constexpr int64_t kAvx2TileRows = 6;  // 12 accumulators, 2 widened weights and 2 broadcasts of 16 ymm
+constexpr int64_t kAvx2TileRows = 6;  // 12 accumulators, 2 widened weights, a broadcast and the mask: 16 ymm
 constexpr int64_t kAvx2ChunkRows = 64;  // rows per pass over the weight: their float32 x stays in L2
 
 // x [M, K] bfloat16 -> [M, 2 * pairs] float32 (the padded column zero).
@@ -234,23 +236,47 @@ at::Tensor widened_rows(const uint16_t* x, int64_t x_stride, int64_t M, int64_t 
   return xf;
 }
 
-// Rows [0, R) of xf times the 16-output block at `w`: float32 sums in k order per output.
+// The 16 weights of one parity of pair `p` (even k: the low halves shifted up; odd k: the high
+// halves masked) as two ymm of float32, outputs 0-7 and 8-15. The loads take `w` through an empty
+// asm, so that the compiler reloads the line from L1 for the odd phase instead of keeping both
+// raw halves live across the even phase: with them, the tile needs 18 registers and spills.
+inline void even_weights(const uint16_t* w, __m256& lo, __m256& hi) {
+  asm volatile("" : "+r"(w));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), 16));
+  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)), 16));
+}
+
+inline void odd_weights(const uint16_t* w, __m256i mask, __m256& lo, __m256& hi) {
+  asm volatile("" : "+r"(w));
+  lo = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), mask));
+  hi = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)), mask));
+}
+
+// Rows [0, R) of xf times the 16-output block at `w`: float32 sums in k order per output. Per key
+// pair, the even k of every row, then the odd k (each row's broadcast feeds both halves), so that
+// 12 accumulators, 2 weights, one broadcast and the mask fit the 16 ymm registers.
 template <int R>
-inline void block_products(const float* xf, int64_t xf_stride, const uint16_t* w, int64_t pairs, float (&sums)[R][kBlock]) {
+__attribute__((noinline)) void block_products(const float* xf, int64_t xf_stride, const uint16_t* w, int64_t pairs, float (&sums)[R][kBlock]) {
   __m256 acc[R][2];
 #pragma GCC unroll 6
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const __m256i odd = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   for (int64_t p = 0; p < pairs; ++p) {
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {  // one half at a time: 2 weight registers, the broadcasts reloaded from L1
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 2 * kBlock + h * 8 * 2));
-      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), odd_k = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+    const uint16_t* wp = w + p * 2 * kBlock;
+    __m256 lo, hi;
+    even_weights(wp, lo, hi);
 #pragma GCC unroll 6
-      for (int m = 0; m < R; ++m) {
-        const float* xm = xf + m * xf_stride + 2 * p;
-        acc[m][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xm + 1), odd_k, _mm256_fmadd_ps(_mm256_broadcast_ss(xm), even, acc[m][h]));
-      }
+    for (int m = 0; m < R; ++m) {
+      const __m256 b = _mm256_broadcast_ss(xf + m * xf_stride + 2 * p);
+      acc[m][0] = _mm256_fmadd_ps(b, lo, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, hi, acc[m][1]);
+    }
+    odd_weights(wp, odd, lo, hi);
+#pragma GCC unroll 6
+    for (int m = 0; m < R; ++m) {
+      const __m256 b = _mm256_broadcast_ss(xf + m * xf_stride + 2 * p + 1);
+      acc[m][0] = _mm256_fmadd_ps(b, lo, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, hi, acc[m][1]);
     }
   }
 #pragma GCC unroll 6
@@ -278,34 +304,6 @@ inline void block_rows(int64_t row0, int64_t row1, const float* xf, int64_t xf_s
   else if (rest == 2) block_products<2>(xs, xf_stride, w, pairs, reinterpret_cast<float(&)[2][kBlock]>(sums));
   else if (rest == 1) block_products<1>(xs, xf_stride, w, pairs, reinterpret_cast<float(&)[1][kBlock]>(sums));
   for (int r = 0; r < rest; ++r) epilogue(m + r, sums[r]);
-}
-
-// From kAvx2DenseRows rows on, the weight is widened to a dense float32 copy for the call and
-// multiplied by MKL's sgemm, which keeps more of the FMA pipes busy than the tiles above (all
-// layers of SmolLM2-135M at 256 rows: 340 against 500 ms); widening costs a pass over the weight,
-// small beside that many rows. Both entry points switch at the same row count, so the fused gate/up
-// stays bitwise the unfused one.
-constexpr int64_t kAvx2DenseRows = 128;
-
-// x [M, 2 * pairs] float32 times the packed weight: float32 sums [M, 16 * blocks].
-at::Tensor dense_sums(const at::Tensor& xf, const at::Tensor& packed) {
-  const int64_t blocks = packed.size(0), pairs = packed.size(1);
-  auto wf = at::empty({blocks * kBlock, 2 * pairs}, at::kFloat);
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  float* dst = wf.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)  // a block (L1-sized) row by row: contiguous writes
-      for (int64_t j = 0; j < kBlock; ++j) {
-        const uint32_t* lanes = reinterpret_cast<const uint32_t*>(wp + b * pairs * 2 * kBlock) + j;
-        uint32_t* row = reinterpret_cast<uint32_t*>(dst + (b * kBlock + j) * 2 * pairs);
-        for (int64_t p = 0; p < pairs; ++p) {
-          const uint32_t pair = lanes[p * kBlock];
-          row[2 * p] = pair << 16;
-          row[2 * p + 1] = pair & 0xFFFF0000u;
-        }
-      }
-  });
-  return at::mm(xf, wf.t());
 }
 
 // `body(block, row0, row1)` over every (chunk of kAvx2ChunkRows rows, block) pair, the blocks of a
@@ -393,17 +391,6 @@ at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const float* bp = in.bias_f32;
-  if (M >= kAvx2DenseRows) {
-    const at::Tensor sums = dense_sums(xf, packed);
-    const float* sp = sums.data_ptr<float>();
-    const int64_t stride = sums.size(1);
-    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        for (int64_t n = 0; n < out_features; ++n)
-          op[m * out_features + n] = kiln_native::float_to_bf16(bp != nullptr ? sp[m * stride + n] + bp[n] : sp[m * stride + n]);
-    });
-    return out;
-  }
   for_each_chunk_block(M, blocks, [&](int64_t b, int64_t row0, int64_t row1) {
     const int64_t col = b * kBlock, width = std::min(kBlock, out_features - col);
     block_rows(row0, row1, xfp, 2 * pairs, wp + b * pairs * 2 * kBlock, pairs, [&](int64_t m, const float* sums) {
@@ -447,9 +434,6 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
     }
   });
 #elif defined(__AVX2__) && defined(__FMA__)
-  // dense products (see kAvx2DenseRows) leave nothing to fuse: silu_and_mul's own loop is faster
-  // than the same arithmetic as an epilogue over the [M, 2I] float32 sums (2048 rows: 50 against 78 ms)
-  if (M >= kAvx2DenseRows) return kiln_native::silu_and_mul(kiln_native::pair_packed_linear(x, packed, bias, 2 * intermediate_size));
   // the tiles: each product rounded to bfloat16 and combined by silu_and_mul's own scalar step,
   // which is what it runs on such CPUs: bitwise the unfused result
   const at::Tensor xf = widened_rows(in.x_bits, in.x_stride, M, x.size(1), pairs);
