@@ -25,7 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 #include <cmath>
@@ -58,6 +58,21 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) { return kiln_native::load_bf16x16(reinterpret_cast<const uint16_t*>(p)); }
 template <typename T>
 constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+#elif defined(__AVX2__) && defined(__FMA__)
+// 8 cache values widened to float32 lanes (bfloat16: zero-extended and shifted into the top half).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+template <typename T>
+constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+inline float sum8(__m256 a) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
 #else
 template <typename T>
 constexpr bool kVectorized = false;
@@ -74,6 +89,34 @@ inline void scores_of_tile(const float* q, const T* k, float* scores, int64_t t0
         __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), load16(kr));
         for (int64_t d = 16; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(kr + d), a);
         scores[t] = _mm512_reduce_add_ps(a);
+      }
+      return;
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kVectorized<T>) {
+    if (D % 16 == 0) {  // two keys at a time, two chains each: four independent FMA chains
+      int64_t t = t0;
+      for (; t + 2 <= t1; t += 2) {
+        const T* k0 = k + t * D;
+        const T* k1 = k0 + D;
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k0)), b0 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), load8(k0 + 8));
+        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k1)), b1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), load8(k1 + 8));
+        for (int64_t d = 16; d < D; d += 16) {
+          const __m256 qa = _mm256_loadu_ps(q + d), qb = _mm256_loadu_ps(q + d + 8);
+          a0 = _mm256_fmadd_ps(qa, load8(k0 + d), a0);
+          b0 = _mm256_fmadd_ps(qb, load8(k0 + d + 8), b0);
+          a1 = _mm256_fmadd_ps(qa, load8(k1 + d), a1);
+          b1 = _mm256_fmadd_ps(qb, load8(k1 + d + 8), b1);
+        }
+        scores[t] = sum8(_mm256_add_ps(a0, b0));
+        scores[t + 1] = sum8(_mm256_add_ps(a1, b1));
+      }
+      for (; t < t1; ++t) {
+        const T* kr = k + t * D;
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), load8(kr));
+        for (int64_t d = 8; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kr + d), a);
+        scores[t] = sum8(a);
       }
       return;
     }
@@ -96,6 +139,21 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
         __m512 a = _mm512_loadu_ps(acc + d);
         for (int64_t t = t0; t < t1; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16(v + t * D + d), a);
         _mm512_storeu_ps(acc + d, a);
+      }
+      return;
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kVectorized<T>) {
+    if (D % 32 == 0) {  // 32 dimensions at a time: four independent FMA chains
+      for (int64_t d = 0; d < D; d += 32) {
+        __m256 a[4];
+        for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_ps(acc + d + 8 * i);
+        for (int64_t t = t0; t < t1; ++t) {
+          const __m256 pt = _mm256_set1_ps(p[t]);
+          for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(pt, load8(v + t * D + d + 8 * i), a[i]);
+        }
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(acc + d + 8 * i, a[i]);
       }
       return;
     }
