@@ -163,6 +163,106 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
     for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * static_cast<float>(v[t * D + d]);
 }
 
+// The rows path per kv head: its `nh` query heads (q: nh rows of D floats; scores, p: nh rows of
+// `n`; acc: nh rows of D) against one tile. On AVX2 all heads share each key's widened loads (the
+// tile is read and widened once, not once per head); elsewhere one head at a time.
+template <typename F>
+inline void with_heads_up_to_four(int64_t nh, F&& f) {
+  switch (nh) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define KILN_SHARED_TILE_LOADS 1
+
+template <int NH, typename T>
+inline void shared_scores_of_tile(const float* q, const T* k, float* scores, int64_t n, int64_t t0, int64_t t1,
+                                  int64_t D) {
+  int64_t t = t0;
+  for (; t + 2 <= t1; t += 2) {  // two keys: 2 * NH independent chains
+    const T* k0 = k + t * D;
+    __m256 a[NH][2];
+    for (int i = 0; i < NH; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 w0 = load8(k0 + d), w1 = load8(k0 + D + d);
+      for (int i = 0; i < NH; ++i) {
+        const __m256 qi = _mm256_loadu_ps(q + i * D + d);
+        a[i][0] = _mm256_fmadd_ps(qi, w0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(qi, w1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < NH; ++i) {
+      scores[i * n + t] = sum8(a[i][0]);
+      scores[i * n + t + 1] = sum8(a[i][1]);
+    }
+  }
+  if (t < t1)
+    for (int i = 0; i < NH; ++i) scores_of_tile(q + i * D, k, scores + i * n, t, t1, D);
+}
+
+template <int NH, typename T>
+inline void shared_accumulate_tile(const float* p, int64_t n, const T* v, float* acc, int64_t t0, int64_t t1,
+                                   int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) {  // 16 dimensions of NH heads: 2 * NH accumulators
+    __m256 a[NH][2];
+    for (int i = 0; i < NH; ++i) {
+      a[i][0] = _mm256_loadu_ps(acc + i * D + d);
+      a[i][1] = _mm256_loadu_ps(acc + i * D + d + 8);
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const __m256 w0 = load8(v + t * D + d), w1 = load8(v + t * D + d + 8);
+      for (int i = 0; i < NH; ++i) {
+        const __m256 pt = _mm256_broadcast_ss(p + i * n + t);
+        a[i][0] = _mm256_fmadd_ps(pt, w0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(pt, w1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < NH; ++i) {
+      _mm256_storeu_ps(acc + i * D + d, a[i][0]);
+      _mm256_storeu_ps(acc + i * D + d + 8, a[i][1]);
+    }
+  }
+}
+#endif
+
+template <typename T>
+inline void group_scores_of_tile(const float* q, const T* k, float* scores, int64_t n, int64_t nh, int64_t t0,
+                                 int64_t t1, int64_t D) {
+#if defined(KILN_SHARED_TILE_LOADS)
+  if constexpr (kVectorized<T>) {
+    if (D % 16 == 0) {
+      for (int64_t h = 0; h < nh; h += 4)
+        with_heads_up_to_four(std::min<int64_t>(4, nh - h), [&](auto heads) {
+          shared_scores_of_tile<decltype(heads)::value>(q + h * D, k, scores + h * n, n, t0, t1, D);
+        });
+      return;
+    }
+  }
+#endif
+  for (int64_t h = 0; h < nh; ++h) scores_of_tile(q + h * D, k, scores + h * n, t0, t1, D);
+}
+
+template <typename T>
+inline void group_accumulate_tile(const float* p, int64_t n, const T* v, float* acc, int64_t nh, int64_t t0,
+                                  int64_t t1, int64_t D) {
+#if defined(KILN_SHARED_TILE_LOADS)
+  if constexpr (kVectorized<T>) {
+    if (D % 16 == 0) {
+      for (int64_t h = 0; h < nh; h += 4)
+        with_heads_up_to_four(std::min<int64_t>(4, nh - h), [&](auto heads) {
+          shared_accumulate_tile<decltype(heads)::value>(p + h * n, n, v, acc + h * D, t0, t1, D);
+        });
+      return;
+    }
+  }
+#endif
+  for (int64_t h = 0; h < nh; ++h) accumulate_tile(p + h * n, v, acc + h * D, t0, t1, D);
+}
+
 constexpr int64_t kPairBlock = 16;  // keys per block in the pairs layout
 constexpr int64_t kMaxHeadsAtOnce = 4;  // query heads sharing each tile load (8 score chains, 8 V accumulators)
 constexpr int64_t kPairsAheadBlocks = 2;  // see prefetch_two_lines
@@ -228,15 +328,6 @@ inline void pair_tile_accumulate(const uint32_t (*w)[kPairBlock / 2], const uint
   }
 }
 
-template <typename F>
-inline void with_heads_at_once(int64_t nh, F&& f) {
-  switch (nh) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
 #endif
 
 // A block's tiles (all kv heads, contiguous) sit at an address unrelated to the previous block's,
@@ -349,7 +440,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
       const int64_t s = index / parts, kv0 = (index % parts) * kv_per_task;
       const int64_t len = seq_lens[s];
       const Task task{s, kv0, kv0 + kv_per_task, window > 0 ? std::max<int64_t>(0, len - window) : 0, len,
-                      kv0 * tile, kv_per_task * tile, kv_per_task * group};
+                      kv0 * tile, kv_per_task * tile, kv_per_task};
       const int64_t h0 = task.kv0 * group, h1 = task.kv1 * group, n = task.visible();
       const int32_t* table = block_tables + s * max_blocks;
       const T* qs = q + s * num_heads * D;
@@ -386,7 +477,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
             const uint32_t* heads[kMaxHeadsAtOnce];
             for (int64_t i = 0; i < nh; ++i) heads[i] = q32 + (h + i) * pairs;
             __m512 scores[kMaxHeadsAtOnce];
-            with_heads_at_once(nh, [&](auto nh_const) {
+            with_heads_up_to_four(nh, [&](auto nh_const) {
               pair_tile_scores<decltype(nh_const)::value>(heads, kt, pairs, scores, tile_ahead);
             });
             for (int64_t i = 0; i < nh; ++i) {
@@ -408,7 +499,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
               std::copy(row, row + (t1 - t0), p + t0);  // keys outside t0..t1 weigh 0
               _mm256_store_si256(reinterpret_cast<__m256i*>(weights[i]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p)));
             }
-            with_heads_at_once(nh, [&](auto nh_const) {
+            with_heads_up_to_four(nh, [&](auto nh_const) {
               pair_tile_accumulate<decltype(nh_const)::value>(weights, vt, acc.data() + h * D, D, tile_ahead);
             });
           });
@@ -419,10 +510,10 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         for (int64_t i = h0 * D; i < h1 * D; ++i) qf[i] *= scale;
         task.for_each_block(k_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
                                                                    auto&& prefetch, const T* ahead) {
-          for (int64_t h = h0; h < h1; ++h) {
-            prefetch(h - h0);
-            scores_of_tile(qf.data() + h * D, tiles + (h / group) * tile,
-                           probs.data() + h * n + b * block_size - task.first, t0, t1, D);
+          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
+            prefetch(kh - task.kv0);
+            group_scores_of_tile(qf.data() + kh * group * D, tiles + kh * tile,
+                                 probs.data() + kh * group * n + b * block_size - task.first, n, group, t0, t1, D);
           }
         });
         prefetch_bytes(v_cache + table[task.first / block_size] * block + task.span_start, task.span);
@@ -431,10 +522,10 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
           prefetch_bytes(k_cache + next_k_pass.table[next_k_pass.first_block] * block, block);
         task.for_each_block(v_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
                                                                    auto&& prefetch, const T* ahead) {
-          for (int64_t h = h0; h < h1; ++h) {
-            prefetch(h - h0);
-            accumulate_tile(probs.data() + h * n + b * block_size - task.first, tiles + (h / group) * tile,
-                            acc.data() + h * D, t0, t1, D);
+          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
+            prefetch(kh - task.kv0);
+            group_accumulate_tile(probs.data() + kh * group * n + b * block_size - task.first, n, tiles + kh * tile,
+                                  acc.data() + kh * group * D, group, t0, t1, D);
           }
         });
       }
