@@ -163,9 +163,7 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
     for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * static_cast<float>(v[t * D + d]);
 }
 
-// The rows path per kv head: its `nh` query heads (q: nh rows of D floats; scores, p: nh rows of
-// `n`; acc: nh rows of D) against one tile. On AVX2 all heads share each key's widened loads (the
-// tile is read and widened once, not once per head); elsewhere one head at a time.
+// f(NH as a compile-time constant) for 1 <= nh <= 4 heads handled at once
 template <typename F>
 inline void with_heads_up_to_four(int64_t nh, F&& f) {
   switch (nh) {
@@ -178,6 +176,13 @@ inline void with_heads_up_to_four(int64_t nh, F&& f) {
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define KILN_SHARED_TILE_LOADS 1
+
+// f(heads at once as a constant, first head) over `nh` heads in chunks of up to four
+template <typename F>
+inline void for_head_chunks(int64_t nh, F&& f) {
+  for (int64_t h = 0; h < nh; h += 4)
+    with_heads_up_to_four(std::min<int64_t>(4, nh - h), [&](auto heads) { f(heads, h); });
+}
 
 template <int NH, typename T>
 inline void shared_scores_of_tile(const float* q, const T* k, float* scores, int64_t n, int64_t t0, int64_t t1,
@@ -229,16 +234,16 @@ inline void shared_accumulate_tile(const float* p, int64_t n, const T* v, float*
 }
 #endif
 
+// The rows path per kv head: its `nh` query heads (q: nh rows of D floats; scores, p: nh rows of
+// `n`; acc: nh rows of D) against one tile. On AVX2 all heads share each key's widened loads (the
+// tile is read and widened once, not once per head); elsewhere one head at a time.
 template <typename T>
 inline void group_scores_of_tile(const float* q, const T* k, float* scores, int64_t n, int64_t nh, int64_t t0,
                                  int64_t t1, int64_t D) {
 #if defined(KILN_SHARED_TILE_LOADS)
   if constexpr (kVectorized<T>) {
     if (D % 16 == 0) {
-      for (int64_t h = 0; h < nh; h += 4)
-        with_heads_up_to_four(std::min<int64_t>(4, nh - h), [&](auto heads) {
-          shared_scores_of_tile<decltype(heads)::value>(q + h * D, k, scores + h * n, n, t0, t1, D);
-        });
+      for_head_chunks(nh, [&](auto heads, int64_t h) { shared_scores_of_tile<decltype(heads)::value>(q + h * D, k, scores + h * n, n, t0, t1, D); });
       return;
     }
   }
@@ -252,10 +257,7 @@ inline void group_accumulate_tile(const float* p, int64_t n, const T* v, float* 
 #if defined(KILN_SHARED_TILE_LOADS)
   if constexpr (kVectorized<T>) {
     if (D % 16 == 0) {
-      for (int64_t h = 0; h < nh; h += 4)
-        with_heads_up_to_four(std::min<int64_t>(4, nh - h), [&](auto heads) {
-          shared_accumulate_tile<decltype(heads)::value>(p + h * n, n, v, acc + h * D, t0, t1, D);
-        });
+      for_head_chunks(nh, [&](auto heads, int64_t h) { shared_accumulate_tile<decltype(heads)::value>(p + h * n, n, v, acc + h * D, t0, t1, D); });
       return;
     }
   }
