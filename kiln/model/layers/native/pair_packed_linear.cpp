@@ -331,7 +331,7 @@ struct TileInputs {
 
 TileInputs tile_inputs(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                        int64_t out_features) {
-  TORCH_CHECK(pair_packed_linear_available(), "pair_packed_linear needs a CPU with AVX512-BF16");
+  TORCH_CHECK(pair_packed_linear_available(), "pair_packed_linear needs a CPU with AVX512-BF16, or AVX2 and FMA");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [M, K]");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && packed.is_contiguous() &&
                   packed.scalar_type() == at::kBFloat16,
