@@ -131,13 +131,17 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     entry; torch draws those serially on CPU (60 ms for 64 rows of 49k), while the float64 running
     sum and one number per row take ~2 ms. The distribution is the same. A token of probability 0
     is never picked: its running sum equals its predecessor's, so the predecessor crosses first.
+    On CPU the native kernel takes the same running sums in the same order (bitwise these picks)
+    without materializing them (64 x 49k rows on the AVX2 host: 35 -> 3.4 ms).
     """
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: no drift over a long vocabulary
     uniform = torch.empty(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
     if len(generators) != probs.shape[0]:
         uniform.uniform_()
     for row, generator in generators.items():
         uniform[row].uniform_(generator=generator)
+    if (kernel := native.inverse_cdf_rows(probs)) is not None:
+        return kernel(probs, uniform.squeeze(1))
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: no drift over a long vocabulary
     picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
     # u * total may round up to total itself; then the last token of nonzero probability (the
     # first to reach the total) is the one the draw meant.

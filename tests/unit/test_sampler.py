@@ -310,7 +310,20 @@ def test_to_logprobs_lists_slices_to_the_request_k() -> None:
     assert full.token_ids == ids.tolist() and full.ranks == [5, 1]
 
 
-def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(params=["native", "torch"])
+def draw_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Draw through the native inverse-CDF kernel, or through the torch path."""
+    from kiln.model.layers import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "inverse_cdf_rows", lambda probs: None)
+    elif native.inverse_cdf_rows(torch.ones(1, 1)) is None:
+        pytest.skip("the native kernels could not be built here")
+    return request.param
+
+
+def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatch: pytest.MonkeyPatch,
+                                                                       draw_path: str) -> None:
     """u * total can round up to the total itself (simulated: u = 1): the draw then takes the last
     token of nonzero probability, never a masked one after it (nor an index past the vocabulary)."""
     from kiln.sampling import sampler as sampler_module
@@ -320,6 +333,30 @@ def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatc
     assert sampler_module.random_sample(probs.clone(), {}).tolist() == [3, 5]
     monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.fill_(0.0))
     assert sampler_module.random_sample(probs.clone(), {}).tolist() == [0, 5]
+
+
+def test_native_inverse_cdf_draw_picks_what_the_torch_path_picks() -> None:
+    """The kernel takes the torch path's float64 running sums in the same order, so its picks are
+    bitwise the same: also where u * total lands exactly on a running sum (the strict crossing
+    decides), on zero-probability tokens, and at both ends of [0, 1)."""
+    from kiln.model.layers import native
+
+    kernel = native.inverse_cdf_rows(torch.ones(1, 1))
+    if kernel is None:
+        pytest.skip("the native kernels could not be built here")
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(48, 49152, generator=gen) * 4
+    logits[:, ::5] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    uniform = torch.rand(48, generator=gen, dtype=torch.float64)
+    uniform[0], uniform[1] = 0.0, 1.0
+    on_a_sum = torch.randint(0, 49152, (16,), generator=gen)
+    uniform[2:18] = cdf[torch.arange(2, 18), on_a_sum] / cdf[2:18, -1]
+    expected = torch.minimum(torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True),
+                             cdf.argmax(dim=-1, keepdim=True)).squeeze(1)
+    assert torch.equal(kernel(probs, uniform), expected)
+    assert bool((probs.gather(1, expected[:, None]) > 0).all())
 
 
 def test_greedy_fast_path_on_bfloat16_logits_matches_argmax() -> None:

@@ -137,6 +137,13 @@ def fused_bf16_ops(x: torch.Tensor) -> Any | None:
     return _kernels.ops  # type: ignore[union-attr]
 
 
+def inverse_cdf_rows(probs: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The sampler's inverse-CDF draw (elementwise.cpp) when `probs` is float32 on CPU, else None."""
+    if probs.dtype != torch.float32 or probs.device.type != "cpu" or not load():
+        return None
+    return _kernels.ops.inverse_cdf_rows  # type: ignore[union-attr]
+
+
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
     """The decode-attention kernel (see paged_attention.cpp), or None where it is unavailable."""
     return _kernels.paged_decode_attention if load() else None  # type: ignore[union-attr]

@@ -207,6 +207,53 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+namespace {
+
+// The running sums in index order, one float64 rounding per step, as torch's cumsum takes them
+// (-fassociative-math would let GCC split the total over vector lanes and change its last bits).
+__attribute__((optimize("no-associative-math"))) int64_t inverse_cdf_index(const float* p, int64_t V, double u) {
+  double total = 0.0;
+  for (int64_t i = 0; i < V; ++i) total += static_cast<double>(p[i]);
+  const double target = u * total;
+  double sum = 0.0;
+  int64_t first_full = V - 1;
+  bool full = false;
+  for (int64_t i = 0; i < V; ++i) {
+    sum += static_cast<double>(p[i]);
+    if (sum > target) return i;
+    if (!full && sum == total) {
+      first_full = i;
+      full = true;
+    }
+  }
+  return first_full;
+}
+
+}  // namespace
+
+// probs [B, V] float32, uniform [B] float64 in [0, 1) -> [B] int64: per row the first token whose
+// float64 running sum exceeds u * total, or (u * total rounded up to the total) the first token
+// where the sum reaches the total. Bitwise the picks of the sampler's torch path (cumsum in
+// float64, searchsorted, clamped to the cdf's argmax), without its [B, V] float64 copy and
+// serial-per-element scan (64 x 49k rows on a 2-core AVX2 host: 3.4 against 35 ms).
+at::Tensor inverse_cdf_rows(const at::Tensor& probs, const at::Tensor& uniform) {
+  TORCH_CHECK(probs.dim() == 2 && probs.size(1) > 0 && probs.scalar_type() == at::kFloat,
+              "probs must be float32 [B, V] with V > 0");
+  TORCH_CHECK(uniform.dim() == 1 && uniform.size(0) == probs.size(0) && uniform.scalar_type() == at::kDouble,
+              "uniform must be float64 [B]");
+  auto pc = probs.contiguous();
+  auto uc = uniform.contiguous();
+  const int64_t B = pc.size(0), V = pc.size(1);
+  auto out = at::empty({B}, probs.options().dtype(at::kLong));
+  const float* pp = pc.data_ptr<float>();
+  const double* up = uc.data_ptr<double>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) op[b] = inverse_cdf_index(pp + b * V, V, up[b]);
+  });
+  return out;
+}
+
 }  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
@@ -218,4 +265,6 @@ TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.impl("rotary", c10::DispatchKey::CPU, &kiln_native::rotary);
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.impl("argmax_rows", c10::DispatchKey::CPU, &kiln_native::argmax_rows);
+  m.def("inverse_cdf_rows(Tensor probs, Tensor uniform) -> Tensor");
+  m.impl("inverse_cdf_rows", c10::DispatchKey::CPU, &kiln_native::inverse_cdf_rows);
 }
