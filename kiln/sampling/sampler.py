@@ -139,10 +139,15 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
         uniform.uniform_()
     for row, generator in generators.items():
         uniform[row].uniform_(generator=generator)
-    if (kernel := native.inverse_cdf_rows(probs)) is not None:
-        return kernel(probs, uniform.squeeze(1))
+    draw = native.inverse_cdf_rows(probs) or inverse_cdf_rows
+    return draw(probs, uniform.squeeze(1))
+
+
+def inverse_cdf_rows(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs [B, V], uniform [B] float64 -> [B] int64: the first token whose float64 running sum
+    exceeds u * total (the torch path; the reference of the native kernel)."""
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: no drift over a long vocabulary
-    picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    picked = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
     # u * total may round up to total itself; then the last token of nonzero probability (the
     # first to reach the total) is the one the draw meant.
     return torch.minimum(picked, cdf.argmax(dim=-1, keepdim=True)).squeeze(1)

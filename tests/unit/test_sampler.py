@@ -338,8 +338,9 @@ def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatc
 def test_native_inverse_cdf_draw_picks_what_the_torch_path_picks() -> None:
     """The kernel takes the torch path's float64 running sums in the same order, so its picks are
     bitwise the same: also where u * total lands exactly on a running sum (the strict crossing
-    decides), on zero-probability tokens, and at both ends of [0, 1)."""
+    decides), on zero-probability tokens, at u = 0 and at u = 1 (u * total rounded up)."""
     from kiln.model.layers import native
+    from kiln.sampling import sampler as sampler_module
 
     kernel = native.inverse_cdf_rows(torch.ones(1, 1))
     if kernel is None:
@@ -353,8 +354,8 @@ def test_native_inverse_cdf_draw_picks_what_the_torch_path_picks() -> None:
     uniform[0], uniform[1] = 0.0, 1.0
     on_a_sum = torch.randint(0, 49152, (16,), generator=gen)
     uniform[2:18] = cdf[torch.arange(2, 18), on_a_sum] / cdf[2:18, -1]
-    expected = torch.minimum(torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True),
-                             cdf.argmax(dim=-1, keepdim=True)).squeeze(1)
+    assert bool((uniform[2:18] * cdf[2:18, -1] == cdf[torch.arange(2, 18), on_a_sum]).any())  # the exact case occurs
+    expected = sampler_module.inverse_cdf_rows(probs, uniform)
     assert torch.equal(kernel(probs, uniform), expected)
     assert bool((probs.gather(1, expected[:, None]) > 0).all())
 

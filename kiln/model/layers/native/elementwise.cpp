@@ -216,17 +216,13 @@ __attribute__((optimize("no-associative-math"))) int64_t inverse_cdf_index(const
   for (int64_t i = 0; i < V; ++i) total += static_cast<double>(p[i]);
   const double target = u * total;
   double sum = 0.0;
-  int64_t first_full = V - 1;
-  bool full = false;
   for (int64_t i = 0; i < V; ++i) {
     sum += static_cast<double>(p[i]);
-    if (sum > target) return i;
-    if (!full && sum == total) {
-      first_full = i;
-      full = true;
-    }
+    // the first crossing; where u * total rounded up to the total, the first token reaching it
+    // (the same sums, so the last one equals the total exactly)
+    if (sum > target || sum == total) return i;
   }
-  return first_full;
+  return V - 1;  // only NaN probabilities get here
 }
 
 }  // namespace

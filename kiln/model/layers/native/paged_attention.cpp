@@ -93,34 +93,6 @@ inline void scores_of_tile(const float* q, const T* k, float* scores, int64_t t0
       return;
     }
   }
-#elif defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kVectorized<T>) {
-    if (D % 16 == 0) {  // two keys at a time, two chains each: four independent FMA chains
-      int64_t t = t0;
-      for (; t + 2 <= t1; t += 2) {
-        const T* k0 = k + t * D;
-        const T* k1 = k0 + D;
-        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k0)), b0 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), load8(k0 + 8));
-        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k1)), b1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), load8(k1 + 8));
-        for (int64_t d = 16; d < D; d += 16) {
-          const __m256 qa = _mm256_loadu_ps(q + d), qb = _mm256_loadu_ps(q + d + 8);
-          a0 = _mm256_fmadd_ps(qa, load8(k0 + d), a0);
-          b0 = _mm256_fmadd_ps(qb, load8(k0 + d + 8), b0);
-          a1 = _mm256_fmadd_ps(qa, load8(k1 + d), a1);
-          b1 = _mm256_fmadd_ps(qb, load8(k1 + d + 8), b1);
-        }
-        scores[t] = sum8(_mm256_add_ps(a0, b0));
-        scores[t + 1] = sum8(_mm256_add_ps(a1, b1));
-      }
-      for (; t < t1; ++t) {
-        const T* kr = k + t * D;
-        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), load8(kr));
-        for (int64_t d = 8; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kr + d), a);
-        scores[t] = sum8(a);
-      }
-      return;
-    }
-  }
 #endif
   for (int64_t t = t0; t < t1; ++t) {
     float dot = 0.f;
@@ -139,21 +111,6 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
         __m512 a = _mm512_loadu_ps(acc + d);
         for (int64_t t = t0; t < t1; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16(v + t * D + d), a);
         _mm512_storeu_ps(acc + d, a);
-      }
-      return;
-    }
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kVectorized<T>) {
-    if (D % 32 == 0) {  // 32 dimensions at a time: four independent FMA chains
-      for (int64_t d = 0; d < D; d += 32) {
-        __m256 a[4];
-        for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_ps(acc + d + 8 * i);
-        for (int64_t t = t0; t < t1; ++t) {
-          const __m256 pt = _mm256_set1_ps(p[t]);
-          for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(pt, load8(v + t * D + d + 8 * i), a[i]);
-        }
-        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(acc + d + 8 * i, a[i]);
       }
       return;
     }
@@ -205,8 +162,15 @@ inline void shared_scores_of_tile(const float* q, const T* k, float* scores, int
       scores[i * n + t + 1] = sum8(a[i][1]);
     }
   }
-  if (t < t1)
-    for (int i = 0; i < NH; ++i) scores_of_tile(q + i * D, k, scores + i * n, t, t1, D);
+  if (t < t1) {  // the odd last key
+    __m256 a[NH];
+    for (int i = 0; i < NH; ++i) a[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 w = load8(k + t * D + d);
+      for (int i = 0; i < NH; ++i) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), w, a[i]);
+    }
+    for (int i = 0; i < NH; ++i) scores[i * n + t] = sum8(a[i]);
+  }
 }
 
 template <int NH, typename T>
