@@ -7,7 +7,8 @@
 // all kv heads are one contiguous read, and a GQA group of query heads shares every tile.
 //
 // Two tile layouts (see kv_layout.py):
-// - rows, any dtype and block size: a tile is [block_size][D]; float32 arithmetic on widened values.
+// - rows, any dtype and block size: a tile is [block_size][D]; float32 arithmetic on widened values
+//   (on AVX2, bfloat16 rows widen 16 dims at a time, even and odd dims apart: see Chunk16).
 // - pairs, bfloat16 16-key blocks with D a multiple of 32 (AVX512-BF16): a K tile is [D/2][16][2],
 //   so the 16 scores of a tile accumulate in the lanes of D/2 vdpbf16ps with no horizontal sums,
 //   and a V tile is [8][D][2], two keys per vdpbf16ps weighted by one pair of probabilities. Up to
@@ -38,20 +39,6 @@
 
 namespace {
 
-// Widening loads that the compiler vectorizes (bfloat16 is the top half of a float32).
-template <typename T>
-inline void load_floats(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-inline void load_floats(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-
-inline void load_floats(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = kiln_native::bf16_to_float(bits[i]);
-}
-
 #if defined(__AVX512F__)
 // 16 cache values widened to float32 lanes, straight from the cache (no staging copy).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -59,24 +46,73 @@ inline __m512 load16(const c10::BFloat16* p) { return kiln_native::load_bf16x16(
 template <typename T>
 constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 #elif defined(__AVX2__) && defined(__FMA__)
-// 8 cache values widened to float32 lanes (bfloat16: zero-extended and shifted into the top half).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
-}
 template <typename T>
 constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// 16 cache values as two vectors of float32 lanes, in *chunk order*. float32: dims 0-7, then 8-15.
+// bfloat16: one 32-byte load whose 32-bit lanes each hold a pair of dims, so a shift gives the
+// even dims (0, 2, ..., 14) and a mask the odd ones: 3 operations for 16 values, where widening
+// each half (zero-extend, shift) took 6. The query and the V sums live in the same order
+// (`chunk_position`), so the products pair up the same dims either way.
+struct Chunk16 {
+  __m256 a, b;
+};
+inline Chunk16 load_chunk(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline Chunk16 load_chunk(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))))};
+}
+
+// Where dim d of a head's row sits in chunk order.
+template <typename T>
+inline int64_t chunk_position(int64_t d) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return (d & ~int64_t{15}) + (d & 1) * 8 + ((d & 15) >> 1);
+  return d;
+}
 
 inline float sum8(__m256 a) {
   const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
+
+// The lane sums of four vectors as one: 11 single-operation shuffles and adds for four scores,
+// where four sum8 take 24.
+inline __m128 sum8_of_four(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3 | ...
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+  const __m256 abcd = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))),
+                                    _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
 #else
 template <typename T>
 constexpr bool kVectorized = false;
 #endif
+
+// The rows path's prefetch of the tile it will read kAheadBlocks blocks on (into L2), a few lines
+// per unit of work on the current tile, so that the requests interleave with the arithmetic.
+// A block's tiles sit at an address unrelated to the previous block's, out of the hardware
+// prefetcher's reach. Before, the rows path asked for the whole next block (into L1) in slices,
+// one per kv head, and for the one 4 on (into L2); 30 layers of decode attention on the AVX2 host,
+// scattered blocks, one process interleaved: 64 seqs x 320 keys 77.6 -> 52.5 ms, 16 x 320 20.8 ->
+// 14.1, 1 x 1200 8.8 -> 4.8 (1, 2 and 4 blocks ahead measured alike).
+struct TilePrefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+
+  TilePrefetch() = default;
+  template <typename T>
+  TilePrefetch(const T* tile, int64_t elements)
+      : next(reinterpret_cast<const char*>(tile)),
+        end(tile == nullptr ? nullptr : next + elements * static_cast<int64_t>(sizeof(T))) {}
+
+  void lines(int64_t count) {
+    for (; count > 0 && next < end; --count, next += 64) __builtin_prefetch(next, 0, 2);
+  }
+  void rest() { lines(std::numeric_limits<int64_t>::max()); }
+};
 
 // scores[t] = q . k[t] for the rows t0..t1 of a rows-layout tile ([t][D]).
 template <typename T>
@@ -141,53 +177,64 @@ inline void for_head_chunks(int64_t nh, F&& f) {
     with_heads_up_to_four(std::min<int64_t>(4, nh - h), [&](auto heads) { f(heads, h); });
 }
 
-template <int NH, typename T>
-inline void shared_scores_of_tile(const float* q, const T* k, float* scores, int64_t n, int64_t t0, int64_t t1,
-                                  int64_t D) {
-  int64_t t = t0;
-  for (; t + 2 <= t1; t += 2) {  // two keys: 2 * NH independent chains
-    const T* k0 = k + t * D;
-    __m256 a[NH][2];
-    for (int i = 0; i < NH; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 w0 = load8(k0 + d), w1 = load8(k0 + D + d);
+// Scores of keys t..t+KEYS for NH query heads (q in chunk order): NH * KEYS accumulators, each
+// key's chunks loaded once for all heads.
+template <int NH, int KEYS, typename T>
+inline void scores_of_keys(const float* q, const T* k, float* scores, int64_t n, int64_t t, int64_t D) {
+  __m256 a[NH][KEYS];
+  for (int i = 0; i < NH; ++i)
+    for (int j = 0; j < KEYS; ++j) a[i][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    for (int j = 0; j < KEYS; ++j) {
+      const Chunk16 c = load_chunk(k + (t + j) * D + d);
       for (int i = 0; i < NH; ++i) {
-        const __m256 qi = _mm256_loadu_ps(q + i * D + d);
-        a[i][0] = _mm256_fmadd_ps(qi, w0, a[i][0]);
-        a[i][1] = _mm256_fmadd_ps(qi, w1, a[i][1]);
+        a[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), c.a, a[i][j]);
+        a[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d + 8), c.b, a[i][j]);
       }
     }
-    for (int i = 0; i < NH; ++i) {
-      scores[i * n + t] = sum8(a[i][0]);
-      scores[i * n + t + 1] = sum8(a[i][1]);
-    }
   }
-  if (t < t1) {  // the odd last key
-    __m256 a[NH];
-    for (int i = 0; i < NH; ++i) a[i] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 w = load8(k + t * D + d);
-      for (int i = 0; i < NH; ++i) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), w, a[i]);
+  for (int i = 0; i < NH; ++i) {
+    if constexpr (KEYS == 4) {
+      _mm_storeu_ps(scores + i * n + t, sum8_of_four(a[i][0], a[i][1], a[i][2], a[i][3]));
+    } else {
+      for (int j = 0; j < KEYS; ++j) scores[i * n + t + j] = sum8(a[i][j]);
     }
-    for (int i = 0; i < NH; ++i) scores[i * n + t] = sum8(a[i]);
   }
 }
 
+// Rows t0..t1 of a tile for NH heads: four keys at a time (12 or fewer accumulators), then one.
+template <int NH, typename T>
+inline void shared_scores_of_tile(const float* q, const T* k, float* scores, int64_t n, int64_t t0, int64_t t1,
+                                  int64_t D, TilePrefetch& ahead) {
+  constexpr int kKeys = NH <= 3 ? 4 : 2;
+  const int64_t lines = kKeys * D * static_cast<int64_t>(sizeof(T)) / 64;  // what the keys read
+  int64_t t = t0;
+  for (; t + kKeys <= t1; t += kKeys) {
+    ahead.lines(lines);
+    scores_of_keys<NH, kKeys>(q, k, scores, n, t, D);
+  }
+  for (; t < t1; ++t) scores_of_keys<NH, 1>(q, k, scores, n, t, D);
+  ahead.rest();
+}
+
+// acc (NH rows of D, chunk order) += p[t] * v[t] over rows t0..t1, 16 dims of all heads at a time.
 template <int NH, typename T>
 inline void shared_accumulate_tile(const float* p, int64_t n, const T* v, float* acc, int64_t t0, int64_t t1,
-                                   int64_t D) {
-  for (int64_t d = 0; d < D; d += 16) {  // 16 dimensions of NH heads: 2 * NH accumulators
+                                   int64_t D, int64_t block_size, TilePrefetch& ahead) {
+  const int64_t lines = block_size * 16 * static_cast<int64_t>(sizeof(T)) / 64;  // a tile's per 16 dims
+  for (int64_t d = 0; d < D; d += 16) {
+    ahead.lines(lines);
     __m256 a[NH][2];
     for (int i = 0; i < NH; ++i) {
       a[i][0] = _mm256_loadu_ps(acc + i * D + d);
       a[i][1] = _mm256_loadu_ps(acc + i * D + d + 8);
     }
     for (int64_t t = t0; t < t1; ++t) {
-      const __m256 w0 = load8(v + t * D + d), w1 = load8(v + t * D + d + 8);
+      const Chunk16 c = load_chunk(v + t * D + d);
       for (int i = 0; i < NH; ++i) {
         const __m256 pt = _mm256_broadcast_ss(p + i * n + t);
-        a[i][0] = _mm256_fmadd_ps(pt, w0, a[i][0]);
-        a[i][1] = _mm256_fmadd_ps(pt, w1, a[i][1]);
+        a[i][0] = _mm256_fmadd_ps(pt, c.a, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(pt, c.b, a[i][1]);
       }
     }
     for (int i = 0; i < NH; ++i) {
@@ -198,46 +245,65 @@ inline void shared_accumulate_tile(const float* p, int64_t n, const T* v, float*
 }
 #endif
 
+// Where dim d of a query row or a V sum sits in the rows path's buffers: chunk order where the
+// shared AVX2 tiles run, else d.
+template <typename T>
+inline int64_t rows_position(int64_t d, int64_t D) {
+#if defined(KILN_SHARED_TILE_LOADS)
+  if constexpr (kVectorized<T>) {
+    if (D % 16 == 0) return chunk_position<T>(d);
+  }
+#endif
+  return d;
+}
+
 // The rows path per kv head: its `nh` query heads (q: nh rows of D floats; scores, p: nh rows of
-// `n`; acc: nh rows of D) against one tile. On AVX2 all heads share each key's widened loads (the
-// tile is read and widened once, not once per head); elsewhere one head at a time.
+// `n`; acc: nh rows of D) against one tile, and the prefetch of the same kv head's tile
+// kAheadBlocks blocks on. On AVX2 all heads share each key's loads (the tile is read and widened
+// once, not once per head); elsewhere one head at a time.
 template <typename T>
 inline void group_scores_of_tile(const float* q, const T* k, float* scores, int64_t n, int64_t nh, int64_t t0,
-                                 int64_t t1, int64_t D) {
+                                 int64_t t1, int64_t D, TilePrefetch ahead) {
 #if defined(KILN_SHARED_TILE_LOADS)
   if constexpr (kVectorized<T>) {
     if (D % 16 == 0) {
-      for_head_chunks(nh, [&](auto heads, int64_t h) { shared_scores_of_tile<decltype(heads)::value>(q + h * D, k, scores + h * n, n, t0, t1, D); });
+      for_head_chunks(nh, [&](auto heads, int64_t h) {
+        shared_scores_of_tile<decltype(heads)::value>(q + h * D, k, scores + h * n, n, t0, t1, D, ahead);
+      });
       return;
     }
   }
 #endif
+  ahead.rest();
   for (int64_t h = 0; h < nh; ++h) scores_of_tile(q + h * D, k, scores + h * n, t0, t1, D);
 }
 
 template <typename T>
 inline void group_accumulate_tile(const float* p, int64_t n, const T* v, float* acc, int64_t nh, int64_t t0,
-                                  int64_t t1, int64_t D) {
+                                  int64_t t1, int64_t D, int64_t block_size, TilePrefetch ahead) {
 #if defined(KILN_SHARED_TILE_LOADS)
   if constexpr (kVectorized<T>) {
     if (D % 16 == 0) {
-      for_head_chunks(nh, [&](auto heads, int64_t h) { shared_accumulate_tile<decltype(heads)::value>(p + h * n, n, v, acc + h * D, t0, t1, D); });
+      for_head_chunks(nh, [&](auto heads, int64_t h) {
+        shared_accumulate_tile<decltype(heads)::value>(p + h * n, n, v, acc + h * D, t0, t1, D, block_size, ahead);
+      });
       return;
     }
   }
 #endif
+  ahead.rest();
   for (int64_t h = 0; h < nh; ++h) accumulate_tile(p + h * n, v, acc + h * D, t0, t1, D);
 }
 
 constexpr int64_t kPairBlock = 16;  // keys per block in the pairs layout
 constexpr int64_t kMaxHeadsAtOnce = 4;  // query heads sharing each tile load (8 score chains, 8 V accumulators)
-constexpr int64_t kPairsAheadBlocks = 2;  // see prefetch_two_lines
+constexpr int64_t kAheadBlocks = 2;  // how far on the tile loops prefetch: see prefetch_two_lines, TilePrefetch
 
 #if defined(__AVX512BF16__)
 
-// Both tile loops below take `ahead`, the same tile kPairsAheadBlocks blocks on (or null), and ask
+// Both tile loops below take `ahead`, the same tile kAheadBlocks blocks on (or null), and ask
 // for two of its lines (into L2) per iteration: the tile has D/2 lines and each loop D/4
-// iterations. Issued in bursts between tiles, as the rows path does, the prefetches found the miss
+// iterations. Issued in bursts between tiles, as the rows path once did, the prefetches found the miss
 // buffers full and came to nothing (30 layers of 64 x 320 keys, scattered blocks: 41 ms with them,
 // 40 without, 26 interleaved 4 blocks ahead, 21 two ahead; the rows kernel took 30-33 alongside).
 inline void prefetch_two_lines(const char* ahead, int64_t iteration) {
@@ -296,22 +362,8 @@ inline void pair_tile_accumulate(const uint32_t (*w)[kPairBlock / 2], const uint
 
 #endif
 
-// A block's tiles (all kv heads, contiguous) sit at an address unrelated to the previous block's,
-// out of reach of the hardware prefetcher. The rows path asks for the next block (into L1) while
-// this one is computed on, and for the one kFarBlocks ahead into L2, so that more of DRAM's latency overlaps
-// (30 layers of decode attention over 64 x 320 keys, medians of interleaved runs: 37.1 -> 30.4 ms
-// with scattered blocks, 29.6 -> 26.8 with consecutive ones; 2, 3, 4 and 6 ahead measured alike).
-constexpr int64_t kFarBlocks = 4;
-template <typename T>
-inline void prefetch_bytes(const T* start, int64_t elements) {
-  const char* bytes = reinterpret_cast<const char*>(start);
-  for (int64_t i = 0; i < elements * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i);
-}
-
 // One task's share of the work: a sequence, or (with fewer sequences than threads) a range of its
-// kv heads with their query heads. `span` is the task's part of a block (contiguous), which the
-// rows path prefetches for the next blocks in `steps` slices, one per unit of work on the current
-// block, so that the prefetches interleave with the arithmetic.
+// kv heads with their query heads.
 template <typename T>
 struct Pass {  // one pass over a sequence's visible blocks [first_block, end_block) of one cache
   const T* cache = nullptr;
@@ -321,7 +373,6 @@ struct Pass {  // one pass over a sequence's visible blocks [first_block, end_bl
 
 struct Task {
   int64_t seq, kv0, kv1, first, len;
-  int64_t span_start, span, steps;
   int64_t visible() const { return len - first; }
 
   template <typename T>
@@ -329,37 +380,22 @@ struct Task {
     return {cache, table, first / block_size, (len + block_size - 1) / block_size};
   }
 
-  // body(block index, its tiles, first and end row inside the block, prefetch(step) (rows path),
-  // the tiles kPairsAheadBlocks blocks on (pairs path; past the end, those of the pass `then`
-  // that follows, or null)) per visible block
+  // body(block index, its tiles, first and end row inside the block, the tiles `ahead` blocks on
+  // (past the end, those of the pass `then` that follows, or null)) per visible block
   template <typename T, typename Body>
-  void for_each_block(const T* cache, const int32_t* table, int64_t block_size, int64_t block, Body&& body,
-                      const Pass<T>& then = {}) const {
+  void for_each_block(const T* cache, const int32_t* table, int64_t block_size, int64_t block, int64_t ahead,
+                      Body&& body, const Pass<T>& then = {}) const {
     const Pass<T> now = pass(cache, table, block_size);
     auto tiles_ahead = [&](int64_t b) -> const T* {
-      const int64_t a = b + kPairsAheadBlocks;
+      const int64_t a = b + ahead;
       if (a < now.end_block) return cache + table[a] * block;
       const int64_t c = then.first_block + (a - now.end_block);
       return then.cache != nullptr && c < then.end_block ? then.cache + then.table[c] * block : nullptr;
     };
-    const int64_t lines = (span * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-    const int64_t per_step = (lines + steps - 1) / steps;
     for (int64_t b = first / block_size; b * block_size < len; ++b) {
       const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
       const int64_t t1 = std::min<int64_t>(block_size, len - b * block_size);
-      const char* next = (b + 1) * block_size < len
-                             ? reinterpret_cast<const char*>(cache + table[b + 1] * block + span_start) : nullptr;
-      const char* far = (b + kFarBlocks) * block_size < len
-                            ? reinterpret_cast<const char*>(cache + table[b + kFarBlocks] * block + span_start)
-                            : nullptr;
-      auto prefetch = [&](int64_t step) {
-        const int64_t l0 = step * per_step, l1 = std::min(lines, l0 + per_step);
-        if (next != nullptr)
-          for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(next + line * 64);
-        if (far != nullptr)
-          for (int64_t line = l0; line < l1; ++line) __builtin_prefetch(far + line * 64, 0, 2);
-      };
-      body(b, cache + table[b] * block, t0, t1, prefetch, tiles_ahead(b));
+      body(b, cache + table[b] * block, t0, t1, tiles_ahead(b));
     }
   }
 };
@@ -405,8 +441,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
     for (int64_t index = begin; index < end; ++index) {
       const int64_t s = index / parts, kv0 = (index % parts) * kv_per_task;
       const int64_t len = seq_lens[s];
-      const Task task{s, kv0, kv0 + kv_per_task, window > 0 ? std::max<int64_t>(0, len - window) : 0, len,
-                      kv0 * tile, kv_per_task * tile, kv_per_task};
+      const Task task{s, kv0, kv0 + kv_per_task, window > 0 ? std::max<int64_t>(0, len - window) : 0, len};
       const int64_t h0 = task.kv0 * group, h1 = task.kv1 * group, n = task.visible();
       const int32_t* table = block_tables + s * max_blocks;
       const T* qs = q + s * num_heads * D;
@@ -425,7 +460,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         const int64_t pairs = D / 2;
         const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qs);
         // body(the kv head's tile as bfloat16 pairs, first query head, heads at once, the same tile
-        // kPairsAheadBlocks on to prefetch or null) per chunk of up to four heads of each kv head's
+        // kAheadBlocks on to prefetch or null) per chunk of up to four heads of each kv head's
         // group; only a tile's first chunk prefetches
         auto for_each_head_chunk = [&](const T* tiles, const T* ahead, auto&& body) {
           for (int64_t kh = task.kv0; kh < task.kv1; ++kh)
@@ -437,8 +472,9 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
             }
         };
         // pass 1: every visible key's score, each K tile loaded once per (up to) four query heads
-        task.for_each_block(k_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
-                                                                   auto&&, const T* ahead) {
+        task.for_each_block(k_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+                                                                                      int64_t t0, int64_t t1,
+                                                                                      const T* ahead) {
           for_each_head_chunk(tiles, ahead, [&](const uint32_t* kt, int64_t h, int64_t nh, const char* tile_ahead) {
             const uint32_t* heads[kMaxHeadsAtOnce];
             for (int64_t i = 0; i < nh; ++i) heads[i] = q32 + (h + i) * pairs;
@@ -455,8 +491,9 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         }, task.pass(v_cache, table, block_size));  // the V pass's first tiles arrive during the last K ones
         softmax_rows(probs.data(), n, h0, h1, sums.data(), true);
         // pass 3: probabilities times V, each V tile loaded once per (up to) four query heads
-        task.for_each_block(v_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
-                                                                   auto&&, const T* ahead) {
+        task.for_each_block(v_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+                                                                                      int64_t t0, int64_t t1,
+                                                                                      const T* ahead) {
           for_each_head_chunk(tiles, ahead, [&](const uint32_t* vt, int64_t h, int64_t nh, const char* tile_ahead) {
             alignas(32) uint32_t weights[kMaxHeadsAtOnce][kPairBlock / 2];
             for (int64_t i = 0; i < nh; ++i) {
@@ -472,32 +509,31 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         }, next_k_pass);
 #endif
       } else {
-        load_floats(qs + h0 * D, qf.data() + h0 * D, (h1 - h0) * D);
-        for (int64_t i = h0 * D; i < h1 * D; ++i) qf[i] *= scale;
-        task.for_each_block(k_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
-                                                                   auto&& prefetch, const T* ahead) {
-          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
-            prefetch(kh - task.kv0);
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t d = 0; d < D; ++d) qf[h * D + rows_position<T>(d, D)] = static_cast<float>(qs[h * D + d]) * scale;
+        const auto kv_tile = [&](const T* tiles, int64_t kh) { return tiles == nullptr ? nullptr : tiles + kh * tile; };
+        task.for_each_block(k_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+                                                                                     int64_t t0, int64_t t1,
+                                                                                     const T* ahead) {
+          for (int64_t kh = task.kv0; kh < task.kv1; ++kh)
             group_scores_of_tile(qf.data() + kh * group * D, tiles + kh * tile,
-                                 probs.data() + kh * group * n + b * block_size - task.first, n, group, t0, t1, D);
-          }
-        });
-        prefetch_bytes(v_cache + table[task.first / block_size] * block + task.span_start, task.span);
+                                 probs.data() + kh * group * n + b * block_size - task.first, n, group, t0, t1, D,
+                                 TilePrefetch(kv_tile(ahead, kh), tile));
+        }, task.pass(v_cache, table, block_size));  // the V pass's first tiles arrive during the last K ones
         softmax_rows(probs.data(), n, h0, h1, sums.data(), false);
-        if (next_k_pass.cache != nullptr)  // the next sequence's first K block arrives during the V pass
-          prefetch_bytes(k_cache + next_k_pass.table[next_k_pass.first_block] * block, block);
-        task.for_each_block(v_cache, table, block_size, block, [&](int64_t b, const T* tiles, int64_t t0, int64_t t1,
-                                                                   auto&& prefetch, const T* ahead) {
-          for (int64_t kh = task.kv0; kh < task.kv1; ++kh) {
-            prefetch(kh - task.kv0);
+        task.for_each_block(v_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+                                                                                     int64_t t0, int64_t t1,
+                                                                                     const T* ahead) {
+          for (int64_t kh = task.kv0; kh < task.kv1; ++kh)
             group_accumulate_tile(probs.data() + kh * group * n + b * block_size - task.first, n, tiles + kh * tile,
-                                  acc.data() + kh * group * D, group, t0, t1, D);
-          }
-        });
+                                  acc.data() + kh * group * D, group, t0, t1, D, block_size,
+                                  TilePrefetch(kv_tile(ahead, kh), tile));
+        }, next_k_pass);
       }
       T* os = out + s * num_heads * D;
       for (int64_t h = h0; h < h1; ++h)
-        for (int64_t d = 0; d < D; ++d) os[h * D + d] = static_cast<T>(acc[h * D + d] / sums[h]);
+        for (int64_t d = 0; d < D; ++d)
+          os[h * D + d] = static_cast<T>(acc[h * D + (pairs_layout ? d : rows_position<T>(d, D))] / sums[h]);
     }
   });
 }
