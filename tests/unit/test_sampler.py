@@ -367,6 +367,8 @@ def test_greedy_fast_path_on_bfloat16_logits_matches_argmax() -> None:
     logits = torch.randint(-4, 4, (7, 300)).to(torch.bfloat16)  # many tied maxima
     logits[2, 5] = float("nan")
     logits[4] = float("-inf")
+    logits[5, 290] = float("nan")  # in the tail past the last whole 64-element span
+    logits[6, 299] = 9  # the maximum, last
     out = sample(logits, [row(SamplingParams(temperature=0.0)) for _ in range(7)])
     assert torch.equal(out.sampled_token_ids, logits.float().argmax(dim=-1))
     wide = torch.randn(3, 49152).to(torch.bfloat16)

@@ -180,17 +180,33 @@ at::Tensor argmax_rows(const at::Tensor& x) {
       has_nan = nan_lanes != 0;
       best = _mm512_reduce_max_ps(vmax);
 #endif
-      for (; i < V; ++i) {
-        const float v = bf16_to_float(row[i]);
-        has_nan |= v != v;
-        best = std::max(best, v);
+      // elsewhere (and for the tail) reductions the compiler vectorizes: std::max's NaN order and a
+      // loop that stops at the first hit would stay scalar (~2 ms per 64 rows of 49k on AVX2)
+      int nan_seen = has_nan;
+#pragma omp simd reduction(max : best) reduction(| : nan_seen)
+      for (int64_t k = i; k < V; ++k) {
+        const float v = bf16_to_float(row[k]);
+        nan_seen |= v != v;
+        best = best > v ? best : v;
       }
+      has_nan = nan_seen;
       int64_t index = 0, j = 0;
 #if defined(__AVX512F__)
       const __m512 target = _mm512_set1_ps(best);
       for (; j + 16 <= V; j += 16) {
         const __m512 v = kiln_native::load_bf16x16(row + j);
         const __mmask16 hit = has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        if (hit) break;
+      }
+#else
+      constexpr int64_t kSpan = 64;  // searched as a whole, then element by element where it hits
+      for (; j + kSpan <= V; j += kSpan) {
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t k = j; k < j + kSpan; ++k) {
+          const float v = bf16_to_float(row[k]);
+          hit |= has_nan ? v != v : v == best;
+        }
         if (hit) break;
       }
 #endif
