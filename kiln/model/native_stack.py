@@ -7,8 +7,8 @@ the same kernels, in the same order, from C++, so the results are bitwise those 
 It takes a model whose every layer offers `native_weights()` (model/common.py says when: pair-packed
 bfloat16 weights, SiLU, no subclass overriding a forward; biases and Qwen3's q/k norms are fine), all layers
 bound to caches of one layout, and a step whose attention groups are contiguous rows (decodes
-first, as the scheduler orders them) with any prefill group on pairs-layout caches, which the
-native prefill kernel reads. Anything else runs the modules, which stay the reference.
+first, as the scheduler orders them) with any prefill group on caches a native prefill kernel
+reads (attention.prefill_kernel). Anything else runs the modules, which stay the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from kiln.model.forward_context import get_attn_metadata
 from kiln.model.layers import native
-from kiln.model.layers.attention import Attention, step_plan
+from kiln.model.layers.attention import Attention, prefill_kernel, step_plan
 
 
 @dataclass
@@ -50,6 +50,8 @@ class NativeDecoderStack:
         self.block_size = self.k_caches[0].shape[2]
         self.scale, self.eps, self.intermediate_size = first.scale, eps, intermediate_size
         self.pairs_layout = first.pairs_layout
+        # decoder_stack.cpp calls the same prefill kernel for the layout as Attention does
+        self.native_prefill = prefill_kernel(self.k_caches[0], self.pairs_layout) is not None
         self.kernel = native.decoder_stack()
 
     @classmethod
@@ -86,7 +88,7 @@ class NativeDecoderStack:
                 return None
             if group.max_query_len == 1:
                 decode = (begin, end, group.block_tables, group.seq_lens)
-            elif not self.pairs_layout:
+            elif not self.native_prefill:
                 return None
             else:
                 prefill = (begin, end, group.block_tables, group.seq_lens, group.query_starts)

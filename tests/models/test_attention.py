@@ -36,7 +36,7 @@ def decode_path(request, monkeypatch):
     """Attend through the native CPU kernels (where the shape fits them), or through the torch backend."""
     if request.param == "torch":
         monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
-        monkeypatch.setattr(attention, "_prefill_kernel", lambda pairs_layout: None)
+        monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout: None)
         monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
     elif native.paged_decode_attention() is None:
         pytest.skip("the native kernels could not be built here")
@@ -139,6 +139,15 @@ def test_every_gqa_group_size_matches_direct_computation(heads, kv_heads, decode
     1, 2, 5 and 8 heads reach each head count and the split of larger groups."""
     layer = Attention(heads, kv_heads, 64, scale=64**-0.5)
     check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[21, 40, 1], [1, 1, 7], [1, 1, 1]],
+                                  make_attn_metadata)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_long_prefill_chunks_match_direct_computation(window, decode_path, make_attn_metadata):
+    """Prompts over many blocks, chunked (the second chunk starts mid-block, after a context): the
+    prefill kernels step their running softmax over several blocks of keys at a time."""
+    layer = Attention(6, 2, 64, scale=64**-0.5, sliding_window=window)
+    check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[150, 37, 80], [1, 70, 1], [1, 1, 1]],
                                   make_attn_metadata)
 
 

@@ -16,7 +16,7 @@ from kiln.model.layers import native
 from kiln.model.layers.cpu_gemm import pack_model_weights
 from kiln.model.loader import load_model
 
-# head_dim 32, so 16-key bfloat16 caches take the pairs layout the native prefill kernel reads
+# head_dim 32, so 16-key bfloat16 caches take a layout a native prefill kernel reads (pairs or rows)
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
 TOKENS = torch.randint(3, 256, (3, 40), generator=torch.Generator().manual_seed(5)).tolist()
@@ -68,6 +68,12 @@ def _run(model, steps, block_size, make_kv_cache, run_step) -> list[torch.Tensor
     return [run_step(model, cache, step) for step in steps]
 
 
+def _prefill_natively() -> bool:
+    """A native prefill kernel reads 16-key bfloat16 caches here: the pairs-layout one (AVX512-BF16)
+    or the rows-layout one (AVX2)."""
+    return native.pairs_layout_available() or native.paged_prefill_attention_rows() is not None
+
+
 def _modules_only(model) -> torch.nn.Module:
     model.model.native_stack = lambda: None
     return model
@@ -92,9 +98,8 @@ def test_native_stack_gives_bitwise_the_module_logits(family, extra, tmp_path, m
     path = _save(tmp_path, family, **extra)
     fused, modules = _load(path), _modules_only(_load(path))
     got = _run(fused, STEPS, 16, make_kv_cache, run_step)
-    # every step ran natively; without the pairs KV layout (AVX2) there is no native prefill kernel,
-    # so only the decode-only step does
-    assert native_calls == [native.pairs_layout_available() or step is STEPS[3] for step in STEPS]
+    # every step ran natively (without a native prefill kernel, only the decode-only step would)
+    assert native_calls == [_prefill_natively() or step is STEPS[3] for step in STEPS]
     expected = _run(modules, STEPS, 16, make_kv_cache, run_step)
     for step, (g, e) in enumerate(zip(got, expected)):
         assert torch.equal(g, e), f"step {step} differs"
@@ -114,8 +119,7 @@ def test_steps_the_stack_cannot_take_run_the_modules(tmp_path, make_kv_cache, ru
     steps = [STEPS[0], [(0, A[:10], 9), (1, B[:21], 20), (2, C[:5], 0)],
              [(0, A[:11], 10), (2, C[:9], 5), (1, B[:22], 21)]]
     got = _run(fused, steps, 16, make_kv_cache, run_step)
-    prefill_natively = native.pairs_layout_available()
-    assert native_calls == [prefill_natively, prefill_natively, False]
+    assert native_calls == [_prefill_natively(), _prefill_natively(), False]
     for g, e in zip(got, _run(modules, steps, 16, make_kv_cache, run_step)):
         assert torch.equal(g, e)
 

@@ -145,9 +145,14 @@ def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
     return native.paged_decode_attention() if device.type == "cpu" else None
 
 
-def _prefill_kernel(pairs_layout: bool) -> Callable[..., torch.Tensor] | None:
-    """The native prefill kernel, which reads pairs-layout caches."""
-    return native.paged_prefill_attention() if pairs_layout else None
+def prefill_kernel(k_cache: torch.Tensor, pairs_layout: bool) -> Callable[..., torch.Tensor] | None:
+    """The native prefill kernel for the cache's layout: pairs (AVX512-BF16), or rows (AVX2) where the
+    cache is bfloat16 on CPU with 16-key blocks and head_dim a multiple of 16."""
+    if pairs_layout:
+        return native.paged_prefill_attention()
+    if k_cache.device.type != "cpu" or k_cache.dtype != torch.bfloat16 or k_cache.shape[2] != 16 or k_cache.shape[3] % 16:
+        return None
+    return native.paged_prefill_attention_rows()
 
 
 class Attention(nn.Module):
@@ -204,7 +209,7 @@ class Attention(nn.Module):
         if group.max_query_len == 1 and (kernel := _decode_kernel(q.device)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, self.scale,
                           self.sliding_window or 0, self.pairs_layout)
-        if group.max_query_len > 1 and (kernel := _prefill_kernel(self.pairs_layout)) is not None:
+        if group.max_query_len > 1 and (kernel := prefill_kernel(k_cache, self.pairs_layout)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, group.query_starts, self.scale,
                           self.sliding_window or 0)
         keys, values = self._gather(k_cache, group), self._gather(v_cache, group)

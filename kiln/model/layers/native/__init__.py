@@ -28,8 +28,8 @@ from kiln.logger import init_logger
 logger = init_logger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("paged_attention.cpp", "prefill_attention.cpp", "elementwise.cpp",
-                         "cache_write.cpp", "pair_packed_linear.cpp", "decoder_stack.cpp")]
+            for name in ("paged_attention.cpp", "prefill_attention.cpp", "prefill_attention_rows.cpp",
+                         "elementwise.cpp", "cache_write.cpp", "pair_packed_linear.cpp", "decoder_stack.cpp")]
 # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it; the math flags let the compiler
 # reassociate reductions (no -ffinite-math-only: the kernels rely on -inf)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
@@ -55,6 +55,7 @@ class _Kernels:
     paged_decode_attention: Callable[..., torch.Tensor]
     write_kv_cache: Callable[..., None]
     paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16 (as the pairs layout)
+    paged_prefill_attention_rows: Callable[..., torch.Tensor] | None  # None on CPUs without AVX2 and FMA
     pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs with neither AVX512-BF16 nor AVX2
     pair_packed_silu_gate_up: Callable[..., torch.Tensor] | None  # as pair_packed_linear
     decoder_stack: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # needs pair_packed_linear
@@ -77,6 +78,7 @@ def load() -> bool:
                     _kernels = _Kernels(
                         ops.paged_decode_attention, ops.write_kv_cache,
                         ops.paged_prefill_attention if ops.paged_prefill_attention_available() else None,
+                        ops.paged_prefill_attention_rows if ops.paged_prefill_attention_rows_available() else None,
                         ops.pair_packed_linear if linear else None, ops.pair_packed_silu_gate_up if linear else None,
                         ops.decoder_stack if linear else None, ops)
                 _resolved = True
@@ -164,3 +166,9 @@ def paged_prefill_attention() -> Callable[..., torch.Tensor] | None:
     """The bfloat16 prefill-attention kernel over pairs-layout caches (see prefill_attention.cpp), or
     None where it is unavailable (no kernels, or a CPU without AVX512-BF16)."""
     return _kernels.paged_prefill_attention if load() else None  # type: ignore[union-attr]
+
+
+def paged_prefill_attention_rows() -> Callable[..., torch.Tensor] | None:
+    """The bfloat16 prefill-attention kernel over rows-layout caches of 16-key blocks (see
+    prefill_attention_rows.cpp), or None where it is unavailable (no kernels, or a CPU without AVX2 and FMA)."""
+    return _kernels.paged_prefill_attention_rows if load() else None  # type: ignore[union-attr]

@@ -1,5 +1,5 @@
 // A whole stack of Llama-style decoder layers in one call (bfloat16, CPU with AVX512-BF16 or AVX2;
-// prefill groups need the pairs KV layout, so AVX512-BF16).
+// prefill groups need 16-key blocks: the pairs layout's kernel, or the rows layout's on AVX2).
 //
 // A batch-1 decode step runs ~10 kernels per layer, 300 for SmolLM2's 30 layers, and in eager
 // Python each one costs a module call, a dispatcher trip and a few tensor views on top of its work:
@@ -48,8 +48,10 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     return kiln_native::paged_decode_attention(rows, k_cache, v_cache, *group.block_tables, *group.seq_lens, scale,
                                                window, pairs_layout);
   }
-  return kiln_native::paged_prefill_attention(rows, k_cache, v_cache, *group.block_tables, *group.seq_lens,
-                                              *group.query_starts, scale, window);
+  return pairs_layout ? kiln_native::paged_prefill_attention(rows, k_cache, v_cache, *group.block_tables,
+                                                             *group.seq_lens, *group.query_starts, scale, window)
+                      : kiln_native::paged_prefill_attention_rows(rows, k_cache, v_cache, *group.block_tables,
+                                                                  *group.seq_lens, *group.query_starts, scale, window);
 }
 
 }  // namespace

@@ -49,25 +49,18 @@ constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::
 template <typename T>
 constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
-// 16 cache values as two vectors of float32 lanes, in *chunk order*. float32: dims 0-7, then 8-15.
-// bfloat16: one 32-byte load whose 32-bit lanes each hold a pair of dims, so a shift gives the
-// even dims (0, 2, ..., 14) and a mask the odd ones: 3 operations for 16 values, where widening
-// each half (zero-extend, shift) took 6. The query and the V sums live in the same order
-// (`chunk_position`), so the products pair up the same dims either way.
-struct Chunk16 {
-  __m256 a, b;
-};
+// 16 cache values as two vectors of float32 lanes, in chunk order (simd_math.h). float32: dims 0-7,
+// then 8-15. The query and the V sums live in the same order (`chunk_position`).
+using kiln_native::Chunk16;
 inline Chunk16 load_chunk(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline Chunk16 load_chunk(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return {_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)),
-          _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))))};
+  return kiln_native::load_bf16_chunk(reinterpret_cast<const uint16_t*>(p));
 }
 
 // Where dim d of a head's row sits in chunk order.
 template <typename T>
 inline int64_t chunk_position(int64_t d) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return (d & ~int64_t{15}) + (d & 1) * 8 + ((d & 15) >> 1);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return kiln_native::bf16_chunk_position(d);
   return d;
 }
 

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -56,6 +56,25 @@ inline uint16_t silu_times_up(float gate, float up) {
   const float silu = round_bf16(gate / (1.f + fast_exp(-gate)));
   return float_to_bf16(silu * up);
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+// 16 bfloat16 values as two vectors of float32 lanes in *chunk order*: one 32-byte load whose
+// 32-bit lanes each hold a pair of dims, so a shift gives the even dims (0, 2, ..., 14) and a mask
+// the odd ones: 3 operations for 16 values, where widening each half (zero-extend, shift) takes 6.
+// Whatever multiplies such a chunk lane by lane (a query row, a row of V sums) is kept in the same
+// order (bf16_chunk_position).
+struct Chunk16 {
+  __m256 a, b;
+};
+inline Chunk16 load_bf16_chunk(const uint16_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))))};
+}
+
+// Where dim d of a row sits in chunk order.
+inline int64_t bf16_chunk_position(int64_t d) { return (d & ~int64_t{15}) + (d & 1) * 8 + ((d & 15) >> 1); }
+#endif
 
 #if defined(__AVX512F__)
 // fast_exp on 16 lanes, with the rounding step as round-to-nearest and the 2^n scaling by scalef
