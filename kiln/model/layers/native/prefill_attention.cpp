@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "prefill_tasks.h"
 #include "simd_math.h"
 
 namespace {
@@ -105,66 +106,51 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
                        int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t tile = kTile * D, block = num_kv_heads * tile;
-  // tasks: (sequence, query tile, kv head), in that order
-  std::vector<int64_t> task_start(num_seqs + 1, 0);
-  for (int64_t s = 0; s < num_seqs; ++s) {
+  const auto make_state = [&] { return std::vector<RowBlock>(group); };
+  kiln_native::for_each_prefill_task(query_starts, num_seqs, num_kv_heads, kTile, make_state,
+                                     [&](std::vector<RowBlock>& blocks, int64_t s, int64_t i0, int64_t num_rows,
+                                         int64_t kh) {
     const int64_t query_len = query_starts[s + 1] - query_starts[s];
-    task_start[s + 1] = task_start[s] + (query_len + kTile - 1) / kTile * num_kv_heads;
-  }
-  const int64_t num_tasks = task_start[num_seqs];
-  const int64_t num_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  // Later query tiles see more keys: dealing tasks out round-robin balances the threads.
-  at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    std::vector<RowBlock> blocks(group);
-    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
-      for (int64_t task = thread; task < num_tasks; task += num_threads) {
-        const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
-        const int64_t local = task - task_start[s];
-        const int64_t qtile = local / num_kv_heads, kh = local % num_kv_heads;
-        const int64_t query_len = query_starts[s + 1] - query_starts[s];
-        const int64_t i0 = qtile * kTile, num_rows = std::min(query_len - i0, kTile);
-        const int64_t context = seq_lens[s] - query_len;  // position of query 0
-        const int64_t last_key = context + i0 + num_rows - 1;
-        const int64_t first_key = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
-        const int32_t* table = block_tables + s * max_blocks;
-        for (int64_t g = 0; g < group; ++g) {
-          blocks[g].max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-          blocks[g].sum = _mm512_setzero_ps();
-          std::fill(blocks[g].acc, blocks[g].acc + kTile * D, 0.f);
-        }
-        for (int64_t b = first_key / kTile; b <= last_key / kTile; ++b) {
-          const uint32_t* kt = reinterpret_cast<const uint32_t*>(k_cache + table[b] * block + kh * tile);
-          const uint32_t* vt = reinterpret_cast<const uint32_t*>(v_cache + table[b] * block + kh * tile);
-          const int64_t key0 = b * kTile;
-          __mmask16 visible[kTile] = {};
-          int64_t lo_all = kTile, hi_all = -1;
-          for (int64_t r = 0; r < num_rows; ++r) {
-            const int64_t pos = context + i0 + r;
-            const int64_t lo = std::max<int64_t>(window > 0 ? pos - window + 1 : 0, key0) - key0;
-            const int64_t hi = std::min<int64_t>(pos, key0 + kTile - 1) - key0;  // inclusive
-            if (lo > hi) continue;
-            visible[r] = static_cast<__mmask16>(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
-            lo_all = std::min(lo_all, lo);
-            hi_all = std::max(hi_all, hi);
-          }
-          if (hi_all < 0) continue;
-          for (int64_t g = 0; g < group; ++g) {
-            const uint16_t* rows[kTile];
-            for (int64_t r = 0; r < kTile; ++r)
-              rows[r] = q + ((query_starts[s] + i0 + std::min(r, num_rows - 1)) * num_heads + kh * group + g) * D;
-            attend_tile(blocks[g], rows, kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
-          }
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          alignas(64) float sums[kTile];
-          _mm512_store_ps(sums, blocks[g].sum);
-          for (int64_t r = 0; r < num_rows; ++r) {
-            uint16_t* o = out + ((query_starts[s] + i0 + r) * num_heads + kh * group + g) * D;
-            const float inv = 1.f / sums[r];
-            for (int64_t d = 0; d < D; ++d) {
-              o[d] = kiln_native::float_to_bf16(blocks[g].acc[r * D + d] * inv);
-            }
-          }
+    const int64_t context = seq_lens[s] - query_len;  // position of query 0
+    const int64_t last_key = context + i0 + num_rows - 1;
+    const int64_t first_key = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
+    const int32_t* table = block_tables + s * max_blocks;
+    for (int64_t g = 0; g < group; ++g) {
+      blocks[g].max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      blocks[g].sum = _mm512_setzero_ps();
+      std::fill(blocks[g].acc, blocks[g].acc + kTile * D, 0.f);
+    }
+    for (int64_t b = first_key / kTile; b <= last_key / kTile; ++b) {
+      const uint32_t* kt = reinterpret_cast<const uint32_t*>(k_cache + table[b] * block + kh * tile);
+      const uint32_t* vt = reinterpret_cast<const uint32_t*>(v_cache + table[b] * block + kh * tile);
+      const int64_t key0 = b * kTile;
+      __mmask16 visible[kTile] = {};
+      int64_t lo_all = kTile, hi_all = -1;
+      for (int64_t r = 0; r < num_rows; ++r) {
+        const int64_t pos = context + i0 + r;
+        const int64_t lo = std::max<int64_t>(window > 0 ? pos - window + 1 : 0, key0) - key0;
+        const int64_t hi = std::min<int64_t>(pos, key0 + kTile - 1) - key0;  // inclusive
+        if (lo > hi) continue;
+        visible[r] = static_cast<__mmask16>(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
+        lo_all = std::min(lo_all, lo);
+        hi_all = std::max(hi_all, hi);
+      }
+      if (hi_all < 0) continue;
+      for (int64_t g = 0; g < group; ++g) {
+        const uint16_t* rows[kTile];
+        for (int64_t r = 0; r < kTile; ++r)
+          rows[r] = q + ((query_starts[s] + i0 + std::min(r, num_rows - 1)) * num_heads + kh * group + g) * D;
+        attend_tile(blocks[g], rows, kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      alignas(64) float sums[kTile];
+      _mm512_store_ps(sums, blocks[g].sum);
+      for (int64_t r = 0; r < num_rows; ++r) {
+        uint16_t* o = out + ((query_starts[s] + i0 + r) * num_heads + kh * group + g) * D;
+        const float inv = 1.f / sums[r];
+        for (int64_t d = 0; d < D; ++d) {
+          o[d] = kiln_native::float_to_bf16(blocks[g].acc[r * D + d] * inv);
         }
       }
     }
@@ -182,22 +168,14 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
                                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                    const at::Tensor& query_starts, double scale, int64_t sliding_window) {
   TORCH_CHECK(paged_prefill_attention_available(), "paged_prefill_attention needs AVX512-BF16");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-                  v_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
-                  query_starts.scalar_type() == at::kInt, "int32 tables");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  kiln_native::check_prefill_arguments(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 32);
+  TORCH_CHECK(q.size(2) <= 256, "head_dim at most 256 (the size of the tile buffers)");
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == 16 && k_cache.size(3) == head_dim && head_dim % 32 == 0 && head_dim <= 256,
-              "16-key blocks and head_dim a multiple of 32 (at most 256)");
-  TORCH_CHECK(num_heads % num_kv_heads == 0, "query heads must group over the kv heads");
   auto qc = q.contiguous();
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto starts = query_starts.contiguous();
   const int64_t num_seqs = lens.size(0);
-  TORCH_CHECK(tables.size(0) == num_seqs && starts.size(0) == num_seqs + 1, "one table, length and start per sequence");
   auto out = at::empty_like(qc);
 #if defined(__AVX512BF16__)
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };

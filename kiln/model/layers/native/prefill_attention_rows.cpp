@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "prefill_tasks.h"
 #include "simd_math.h"
 
 namespace {
@@ -177,100 +178,84 @@ void prefill_attention_rows(const uint16_t* q, const uint16_t* k_cache, const ui
                             int64_t max_blocks, float scale, int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t tile = kKeys * D, block = num_kv_heads * tile;
-  // tasks: (sequence, query tile, kv head), in that order
-  std::vector<int64_t> task_start(num_seqs + 1, 0);
-  for (int64_t s = 0; s < num_seqs; ++s) {
+  const auto make_state = [&] { return TaskRows(kPositions * group, D); };
+  kiln_native::for_each_prefill_task(query_starts, num_seqs, num_kv_heads, kPositions, make_state,
+                                     [&](TaskRows& st, int64_t s, int64_t i0, int64_t positions, int64_t kh) {
     const int64_t query_len = query_starts[s + 1] - query_starts[s];
-    task_start[s + 1] = task_start[s] + (query_len + kPositions - 1) / kPositions * num_kv_heads;
-  }
-  const int64_t num_tasks = task_start[num_seqs];
-  const int64_t num_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  // Later query tiles see more keys: dealing tasks out round-robin balances the threads.
-  at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    TaskRows st(kPositions * group, D);
-    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
-      for (int64_t task = thread; task < num_tasks; task += num_threads) {
-        const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
-        const int64_t local = task - task_start[s];
-        const int64_t qtile = local / num_kv_heads, kh = local % num_kv_heads;
-        const int64_t query_len = query_starts[s + 1] - query_starts[s];
-        const int64_t i0 = qtile * kPositions, positions = std::min(query_len - i0, kPositions);
-        const int64_t context = seq_lens[s] - query_len;  // position of query 0
-        const int64_t last_key = context + i0 + positions - 1;
-        const int64_t first_key = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
-        const int32_t* table = block_tables + s * max_blocks;
-        const int64_t rows = positions * group;
-        auto q_row = [&](int64_t r) {  // row r = (position r / group, head kh * group + r % group)
-          return ((query_starts[s] + i0 + r / group) * num_heads + kh * group + r % group) * D;
-        };
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint16_t* src = q + q_row(r);
-          for (int64_t d = 0; d < D; ++d) st.q[r * D + d] = bf16_to_float(src[d]) * scale;
+    const int64_t context = seq_lens[s] - query_len;  // position of query 0
+    const int64_t last_key = context + i0 + positions - 1;
+    const int64_t first_key = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
+    const int32_t* table = block_tables + s * max_blocks;
+    const int64_t rows = positions * group;
+    auto q_row = [&](int64_t r) {  // row r = (position r / group, head kh * group + r % group)
+      return ((query_starts[s] + i0 + r / group) * num_heads + kh * group + r % group) * D;
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint16_t* src = q + q_row(r);
+      for (int64_t d = 0; d < D; ++d) st.q[r * D + d] = bf16_to_float(src[d]) * scale;
+    }
+    std::fill(st.acc.begin(), st.acc.begin() + rows * D, 0.f);
+    std::fill(st.max.begin(), st.max.begin() + rows, -std::numeric_limits<float>::infinity());
+    std::fill(st.sum.begin(), st.sum.begin() + rows, 0.f);
+    for (int64_t b0 = first_key / kKeys; b0 <= last_key / kKeys; b0 += kSpanBlocks) {
+      const int64_t blocks = std::min(kSpanBlocks, last_key / kKeys + 1 - b0), key0 = b0 * kKeys;
+      const uint16_t* vt[kSpanBlocks];
+      for (int64_t g = 0; g < blocks; ++g) {
+        transpose_tile(k_cache + table[b0 + g] * block + kh * tile, D, st.kt.data() + g * D * kKeys);
+        vt[g] = v_cache + table[b0 + g] * block + kh * tile;
+      }
+      for_row_tiles(rows, [&](auto R, int64_t r0) {
+        tile_scores<decltype(R)::value>(st.q.data() + r0 * D, D, st.kt.data(), blocks, st.scores() + r0);
+      });
+      int64_t lo_all = kSpan, hi_all = -1;  // the keys any row sees: the V product's range
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t pos = context + i0 + r / group;
+        const int64_t lo = std::max<int64_t>(window > 0 ? pos - window + 1 : 0, key0) - key0;
+        const int64_t hi = std::min<int64_t>(pos, key0 + blocks * kKeys - 1) - key0;  // inclusive
+        float* p = st.scores()[r];
+        if (lo > hi) {  // nothing visible to this row here
+          std::fill(p, p + kSpan, 0.f);
+          continue;
         }
-        std::fill(st.acc.begin(), st.acc.begin() + rows * D, 0.f);
-        std::fill(st.max.begin(), st.max.begin() + rows, -std::numeric_limits<float>::infinity());
-        std::fill(st.sum.begin(), st.sum.begin() + rows, 0.f);
-        for (int64_t b0 = first_key / kKeys; b0 <= last_key / kKeys; b0 += kSpanBlocks) {
-          const int64_t blocks = std::min(kSpanBlocks, last_key / kKeys + 1 - b0), key0 = b0 * kKeys;
-          const uint16_t* vt[kSpanBlocks];
-          for (int64_t g = 0; g < blocks; ++g) {
-            transpose_tile(k_cache + table[b0 + g] * block + kh * tile, D, st.kt.data() + g * D * kKeys);
-            vt[g] = v_cache + table[b0 + g] * block + kh * tile;
-          }
-          for_row_tiles(rows, [&](auto R, int64_t r0) {
-            tile_scores<decltype(R)::value>(st.q.data() + r0 * D, D, st.kt.data(), blocks, st.scores() + r0);
-          });
-          int64_t lo_all = kSpan, hi_all = -1;  // the keys any row sees: the V product's range
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t pos = context + i0 + r / group;
-            const int64_t lo = std::max<int64_t>(window > 0 ? pos - window + 1 : 0, key0) - key0;
-            const int64_t hi = std::min<int64_t>(pos, key0 + blocks * kKeys - 1) - key0;  // inclusive
-            float* p = st.scores()[r];
-            if (lo > hi) {  // nothing visible to this row here
-              std::fill(p, p + kSpan, 0.f);
-              continue;
-            }
-            lo_all = std::min(lo_all, lo);
-            hi_all = std::max(hi_all, hi);
-            const int32_t lo32 = static_cast<int32_t>(lo), hi32 = static_cast<int32_t>(hi);  // 32-bit lanes
-            float span_max = -std::numeric_limits<float>::infinity();
+        lo_all = std::min(lo_all, lo);
+        hi_all = std::max(hi_all, hi);
+        const int32_t lo32 = static_cast<int32_t>(lo), hi32 = static_cast<int32_t>(hi);  // 32-bit lanes
+        float span_max = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : span_max)
-            for (int32_t t = 0; t < kSpan; ++t) {
-              const float v = t >= lo32 && t <= hi32 ? p[t] : -std::numeric_limits<float>::infinity();
-              span_max = span_max > v ? span_max : v;
-            }
-            const float new_max = std::max(st.max[r], span_max);
-            const float correction = kiln_native::fast_exp(st.max[r] - new_max);  // ~0 on the first visible span
-            float span_sum = 0.f;
+        for (int32_t t = 0; t < kSpan; ++t) {
+          const float v = t >= lo32 && t <= hi32 ? p[t] : -std::numeric_limits<float>::infinity();
+          span_max = span_max > v ? span_max : v;
+        }
+        const float new_max = std::max(st.max[r], span_max);
+        const float correction = kiln_native::fast_exp(st.max[r] - new_max);  // ~0 on the first visible span
+        float span_sum = 0.f;
 #pragma omp simd reduction(+ : span_sum)
-            for (int32_t t = 0; t < kSpan; ++t) {
-              const float e = t >= lo32 && t <= hi32 ? rounded_bf16(kiln_native::fast_exp(p[t] - new_max)) : 0.f;
-              p[t] = e;
-              span_sum += e;
-            }
-            st.sum[r] = st.sum[r] * correction + span_sum;
-            st.max[r] = new_max;
-            if (correction != 1.f)
-              for (int64_t d = 0; d < D; ++d) st.acc[r * D + d] *= correction;
-          }
-          if (hi_all < 0) continue;
-          for_row_tiles(rows, [&](auto R, int64_t r0) {
-            tile_accumulate<decltype(R)::value>(st.scores() + r0, vt, st.acc.data() + r0 * D, D, lo_all, hi_all + 1);
-          });
+        for (int32_t t = 0; t < kSpan; ++t) {
+          const float e = t >= lo32 && t <= hi32 ? rounded_bf16(kiln_native::fast_exp(p[t] - new_max)) : 0.f;
+          p[t] = e;
+          span_sum += e;
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          uint16_t* o = out + q_row(r);
-          const __m256 inv = _mm256_set1_ps(1.f / st.sum[r]);
-          for (int64_t d = 0; d < D; d += 16) {  // chunk order (even dims, odd dims) back to natural
-            const __m256 even = _mm256_mul_ps(_mm256_loadu_ps(st.acc.data() + r * D + d), inv);
-            const __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(st.acc.data() + r * D + d + 8), inv);
-            const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
-            alignas(32) float natural[16];
-            _mm256_store_ps(natural, _mm256_permute2f128_ps(lo, hi, 0x20));
-            _mm256_store_ps(natural + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-            for (int64_t i = 0; i < 16; ++i) o[d + i] = kiln_native::float_to_bf16(natural[i]);
-          }
-        }
+        st.sum[r] = st.sum[r] * correction + span_sum;
+        st.max[r] = new_max;
+        if (correction != 1.f)
+          for (int64_t d = 0; d < D; ++d) st.acc[r * D + d] *= correction;
+      }
+      if (hi_all < 0) continue;
+      for_row_tiles(rows, [&](auto R, int64_t r0) {
+        tile_accumulate<decltype(R)::value>(st.scores() + r0, vt, st.acc.data() + r0 * D, D, lo_all, hi_all + 1);
+      });
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* o = out + q_row(r);
+      const __m256 inv = _mm256_set1_ps(1.f / st.sum[r]);
+      for (int64_t d = 0; d < D; d += 16) {  // chunk order (even dims, odd dims) back to natural
+        const __m256 even = _mm256_mul_ps(_mm256_loadu_ps(st.acc.data() + r * D + d), inv);
+        const __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(st.acc.data() + r * D + d + 8), inv);
+        const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+        alignas(32) float natural[16];
+        _mm256_store_ps(natural, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_store_ps(natural + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        for (int64_t i = 0; i < 16; ++i) o[d + i] = kiln_native::float_to_bf16(natural[i]);
       }
     }
   });
@@ -285,22 +270,13 @@ at::Tensor paged_prefill_attention_rows(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                         const at::Tensor& query_starts, double scale, int64_t sliding_window) {
   TORCH_CHECK(rows_prefill_available(), "paged_prefill_attention_rows needs AVX2 and FMA");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-                  v_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
-                  query_starts.scalar_type() == at::kInt, "int32 tables");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  kiln_native::check_prefill_arguments(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 16);
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == 16 && k_cache.size(3) == head_dim && head_dim % 16 == 0,
-              "16-key blocks and head_dim a multiple of 16");
-  TORCH_CHECK(num_heads % num_kv_heads == 0, "query heads must group over the kv heads");
   auto qc = q.contiguous();
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto starts = query_starts.contiguous();
   const int64_t num_seqs = lens.size(0);
-  TORCH_CHECK(tables.size(0) == num_seqs && starts.size(0) == num_seqs + 1, "one table, length and start per sequence");
   auto out = at::empty_like(qc);
 #if defined(__AVX2__) && defined(__FMA__)
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };

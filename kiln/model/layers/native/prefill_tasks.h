@@ -1,0 +1,59 @@
+// What the two prefill-attention kernels (prefill_attention.cpp for the pairs layout,
+// prefill_attention_rows.cpp for the rows layout) share: their argument checks and how they deal
+// out their tasks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace kiln_native {
+
+// The checks both kernels' entry points make; head_dim must be a multiple of `dim_multiple`.
+inline void check_prefill_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                    const at::Tensor& query_starts, int64_t dim_multiple) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  query_starts.scalar_type() == at::kInt, "int32 tables");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t head_dim = q.size(2);
+  TORCH_CHECK(k_cache.size(2) == 16 && k_cache.size(3) == head_dim && head_dim % dim_multiple == 0,
+              "16-key blocks and head_dim a multiple of ", dim_multiple);
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must group over the kv heads");
+  TORCH_CHECK(block_tables.size(0) == seq_lens.size(0) && query_starts.size(0) == seq_lens.size(0) + 1,
+              "one table, length and start per sequence");
+}
+
+// body(thread's state, sequence, first query of the tile, queries in the tile, kv head) for every
+// task, a (sequence, `tile` queries, kv head), with make_state() called once per thread. Later
+// query tiles see more keys: dealing tasks out round-robin balances the threads.
+template <typename MakeState, typename Body>
+void for_each_prefill_task(const int32_t* query_starts, int64_t num_seqs, int64_t num_kv_heads, int64_t tile,
+                           MakeState&& make_state, Body&& body) {
+  std::vector<int64_t> task_start(num_seqs + 1, 0);  // tasks: (sequence, query tile, kv head), in that order
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t query_len = query_starts[s + 1] - query_starts[s];
+    task_start[s + 1] = task_start[s] + (query_len + tile - 1) / tile * num_kv_heads;
+  }
+  const int64_t num_tasks = task_start[num_seqs];
+  const int64_t num_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
+    auto state = make_state();
+    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
+      for (int64_t task = thread; task < num_tasks; task += num_threads) {
+        const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
+        const int64_t local = task - task_start[s];
+        const int64_t i0 = local / num_kv_heads * tile, query_len = query_starts[s + 1] - query_starts[s];
+        body(state, s, i0, std::min(query_len - i0, tile), local % num_kv_heads);
+      }
+    }
+  });
+}
+
+}  // namespace kiln_native
