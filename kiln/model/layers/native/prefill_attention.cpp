@@ -168,20 +168,16 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
                                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                    const at::Tensor& query_starts, double scale, int64_t sliding_window) {
   TORCH_CHECK(paged_prefill_attention_available(), "paged_prefill_attention needs AVX512-BF16");
-  kiln_native::check_prefill_arguments(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 32);
+  const kiln_native::PrefillInputs in =
+      kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 32);
   TORCH_CHECK(q.size(2) <= 256, "head_dim at most 256 (the size of the tile buffers)");
-  const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
-  auto qc = q.contiguous();
-  auto tables = block_tables.contiguous();
-  auto lens = seq_lens.contiguous();
-  auto starts = query_starts.contiguous();
-  const int64_t num_seqs = lens.size(0);
-  auto out = at::empty_like(qc);
+  auto out = at::empty_like(in.q);
 #if defined(__AVX512BF16__)
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-  prefill_attention(u16(qc), u16(k_cache), u16(v_cache), tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
-                    starts.data_ptr<int32_t>(), reinterpret_cast<uint16_t*>(out.data_ptr()), num_seqs, num_heads,
-                    num_kv_heads, head_dim, tables.size(1), static_cast<float>(scale), sliding_window);
+  prefill_attention(u16(in.q), u16(k_cache), u16(v_cache), in.block_tables.data_ptr<int32_t>(),
+      in.seq_lens.data_ptr<int32_t>(), in.query_starts.data_ptr<int32_t>(),
+      reinterpret_cast<uint16_t*>(out.data_ptr()), in.num_seqs, in.num_heads, in.num_kv_heads, in.head_dim,
+      in.max_blocks, static_cast<float>(scale), sliding_window);
 #endif
   return out;
 }

@@ -12,8 +12,14 @@
 
 namespace kiln_native {
 
-// The checks both kernels' entry points make; head_dim must be a multiple of `dim_multiple`.
-inline void check_prefill_arguments(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+// Both kernels' inputs as they read them: checked (head_dim a multiple of `dim_multiple`), the
+// query and tables contiguous, and the geometry.
+struct PrefillInputs {
+  at::Tensor q, block_tables, seq_lens, query_starts;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim, max_blocks;
+};
+
+inline PrefillInputs prefill_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                     const at::Tensor& query_starts, int64_t dim_multiple) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
@@ -28,6 +34,8 @@ inline void check_prefill_arguments(const at::Tensor& q, const at::Tensor& k_cac
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must group over the kv heads");
   TORCH_CHECK(block_tables.size(0) == seq_lens.size(0) && query_starts.size(0) == seq_lens.size(0) + 1,
               "one table, length and start per sequence");
+  return {q.contiguous(), block_tables.contiguous(), seq_lens.contiguous(), query_starts.contiguous(),
+          seq_lens.size(0), q.size(1), k_cache.size(1), head_dim, block_tables.size(1)};
 }
 
 // body(thread's state, sequence, first query of the tile, queries in the tile, kv head) for every
