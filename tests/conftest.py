@@ -13,6 +13,26 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU, Triton's interpreter runs the CUDA backend's kernels on CPU tensors in the tests; it
+# is chosen when triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+
+@pytest.fixture
+def triton_attention_backend(monkeypatch):
+    """Route attention through the CUDA backend's Triton kernel, which Triton's interpreter runs on CPU
+    tensors here, with the cache written by index_copy_ as on CUDA."""
+    from kiln.model.layers import attention, triton_attention
+
+    if not triton_attention.available(torch.device("cpu")):
+        pytest.skip("triton is not installed, or its interpreter is off (set above, before triton's import)")
+    monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
+    monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout: None)
+    monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
+    monkeypatch.setattr(attention, "_triton_kernel", lambda k_cache, pairs_layout: triton_attention.paged_attention)
+
 
 _MODEL_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
 

@@ -27,18 +27,32 @@ PROMPTS = [[5, 17, 33, 99, 4, 250, 31, 8, 77, 12, 3, 64, 65, 66, 90, 91, 92, 93]
 NUM_NEW = 24
 
 
-@pytest.fixture(params=list(CASES))
-def tiny_model(request, tmp_path):
-    config_class, extra = CASES[request.param]
+def build_tiny_model(case, path):
+    config_class, extra = CASES[case]
     config = config_class(**COMMON, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    return model, str(tmp_path)
+    model.save_pretrained(path, safe_serialization=True)
+    return model, str(path)
+
+
+@pytest.fixture(params=list(CASES))
+def tiny_model(request, tmp_path):
+    return build_tiny_model(request.param, tmp_path)
 
 
 def test_greedy_matches_transformers(tiny_model):
-    model, path = tiny_model
+    check_greedy_against_transformers(*tiny_model)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3"])
+def test_greedy_through_the_triton_kernel_matches_transformers(case, tmp_path, triton_attention_backend):
+    """The CUDA backend's Triton attention kernel in the engine (run by Triton's interpreter on CPU):
+    GQA, and Qwen3's head_dim of 32."""
+    check_greedy_against_transformers(*build_tiny_model(case, tmp_path))
+
+
+def check_greedy_against_transformers(model, path):
     expected = []
     with torch.inference_mode():
         for ids in PROMPTS:

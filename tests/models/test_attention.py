@@ -31,10 +31,14 @@ def reference(q, keys, values, positions, scale, window):
     return torch.einsum("hql,lhd->qhd", probs, v.double())
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "torch", "triton"])
 def decode_path(request, monkeypatch):
-    """Attend through the native CPU kernels (where the shape fits them), or through the torch backend."""
-    if request.param == "torch":
+    """Attend through the native CPU kernels (where the shape fits them), through the torch backend,
+    or through the CUDA backend's Triton kernel, run here by Triton's interpreter (with the torch
+    cache write, as on CUDA)."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_attention_backend")
+    elif request.param == "torch":
         monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
         monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout: None)
         monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)

@@ -15,8 +15,9 @@ decode) is built once per step in a `StepPlan` and shared by all layers:
 | rows | method |
 | --- | --- |
 | decode (query len 1), CPU | native kernel (native/paged_attention.cpp): K tiles read in place for the scores, a float32 softmax, V tiles read in place for the sum |
-| decode, elsewhere or without the kernel | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
-| prefill chunks, pairs layout | native kernel (native/prefill_attention.cpp): flash-style over 16-key tiles read in place, masked tiles skipped |
+| prefill chunks, CPU: pairs layout, or bfloat16 rows | native kernels (native/prefill_attention*.cpp): flash-style over tiles read in place, masked tiles skipped |
+| any rows, CUDA with Triton | one Triton kernel (triton_attention.py): flash-style over the block table, tiles read in place |
+| decode, elsewhere | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
 | prefill chunks, elsewhere | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
 
 Decode rows are attended apart from prefill rows, so a long prefill chunk never pads a batch of
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.model.forward_context import AttentionMetadata, get_attn_metadata
-from kiln.model.layers import kv_layout, native
+from kiln.model.layers import kv_layout, native, triton_attention
 
 
 @dataclass
@@ -155,6 +156,13 @@ def prefill_kernel(k_cache: torch.Tensor, pairs_layout: bool) -> Callable[..., t
     return native.paged_prefill_attention_rows()
 
 
+def _triton_kernel(k_cache: torch.Tensor, pairs_layout: bool) -> Callable[..., torch.Tensor] | None:
+    """The Triton kernel on CUDA (rows layout); the tests also run it on CPU under Triton's interpreter."""
+    if pairs_layout or k_cache.device.type != "cuda" or not triton_attention.available(k_cache.device):
+        return None
+    return triton_attention.paged_attention
+
+
 class Attention(nn.Module):
     """q [T, H*D], k/v [T, KH*D] -> [T, H*D] for a flattened batch described by the forward context."""
 
@@ -212,6 +220,9 @@ class Attention(nn.Module):
         if group.max_query_len > 1 and (kernel := prefill_kernel(k_cache, self.pairs_layout)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, group.query_starts, self.scale,
                           self.sliding_window or 0)
+        if (kernel := _triton_kernel(k_cache, self.pairs_layout)) is not None:
+            return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, group.query_starts,
+                          group.max_query_len, self.scale, self.sliding_window or 0)
         keys, values = self._gather(k_cache, group), self._gather(v_cache, group)
         if self.pairs_layout:
             keys = kv_layout.pairs_keys_as_rows(keys, self.head_dim)
