@@ -42,10 +42,10 @@ def available(device: torch.device) -> bool:
 
 def _paged_attention_body(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_starts_ptr,
-    scale, sliding_window, q_stride_t, q_stride_h, out_stride_t, out_stride_h, block_table_stride,
+    scale, q_stride_t, q_stride_h, out_stride_t, out_stride_h, block_table_stride,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -74,9 +74,10 @@ def _paged_attention_body(
 
     first_pos = context + q_tile * BLOCK_Q
     key_end = context + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)  # past the tile's last query position
-    key_start = 0
-    if sliding_window > 0:
-        key_start = tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N * TILE_N
+    if SLIDING_WINDOW > 0:
+        key_start = tl.maximum(first_pos - SLIDING_WINDOW + 1, 0) // TILE_N * TILE_N
+    else:
+        key_start = 0
     table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     for tile_start in range(key_start, key_end, TILE_N):
         keys = tile_start + tl.arange(0, TILE_N)
@@ -87,8 +88,8 @@ def _paged_attention_body(
         k = tl.load(k_cache_ptr + slot[:, None] + dims[None, :], mask=tile_mask, other=0.0).to(DOT_DTYPE)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         visible = (keys[None, :] <= q_pos[:, None]) & key_valid[None, :]
-        if sliding_window > 0:
-            visible = visible & (keys[None, :] > q_pos[:, None] - sliding_window)
+        if SLIDING_WINDOW > 0:
+            visible = visible & (keys[None, :] > q_pos[:, None] - SLIDING_WINDOW)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -139,9 +140,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     dot_dtype = _dot_dtype(k_cache.dtype)
     _kernel(_interpreting())[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_starts,
-        scale, sliding_window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, _next_power_of_two(head_dim)), BLOCK_SIZE=block_size, BLOCK_Q=block_q, TILE_N=64,
-        DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+        SLIDING_WINDOW=sliding_window, DOT_DTYPE=dot_dtype,
+        PRECISION="ieee" if dot_dtype == tl.float32 else None,  # float32 models: no TF32 rounding
     )
     return out
