@@ -111,6 +111,10 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + i),
                             kiln_native::to_bf16x16(_mm512_mul_ps(silu, kiln_native::load_bf16x16(up + i))));
       }
+#elif defined(__AVX2__) && defined(__FMA__)
+      for (; i + 8 <= I; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + i),
+                         kiln_native::silu_times_up8(kiln_native::load_bf16x8(gate + i), kiln_native::load_bf16x8(up + i)));
 #endif
       for (; i < I; ++i) row[i] = kiln_native::silu_times_up(bf16_to_float(gate[i]), bf16_to_float(up[i]));
     }

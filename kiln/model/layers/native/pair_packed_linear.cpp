@@ -483,8 +483,8 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
     }
   });
 #elif defined(__AVX2__) && defined(__FMA__)
-  // the tiles: each product rounded to bfloat16 and combined by silu_and_mul's own scalar step,
-  // which is what it runs on such CPUs: bitwise the unfused result
+  // the tiles: each product rounded to bfloat16 and combined by silu_and_mul's own 8-lane step:
+  // bitwise the unfused result
   const at::Tensor xf = widened_rows(in.x_bits, in.x_stride, M, x.size(1), pairs);
   const float* xfp = xf.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
@@ -505,9 +505,13 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
                [&](int64_t m, int64_t j, const float* sums) {
                  const float* g = gate + ((m - row0) * kMaxGroup + j) * kBlock;
                  const int64_t col = (b0 + j) * kBlock;
-                 for (int64_t c = 0; c < kBlock; ++c)
-                   op[m * intermediate_size + col + c] = kiln_native::silu_times_up(
-                       kiln_native::round_bf16(g[c]), kiln_native::round_bf16(sums[c] + bias_of(intermediate_size, col + c)));
+                 for (int64_t c = 0; c < kBlock; c += 8) {
+                   __m256 up = _mm256_loadu_ps(sums + c);
+                   if (bias_f32 != nullptr) up = _mm256_add_ps(up, _mm256_loadu_ps(bias_f32 + intermediate_size + col + c));
+                   _mm_storeu_si128(reinterpret_cast<__m128i*>(op + m * intermediate_size + col + c),
+                                    kiln_native::silu_times_up8(kiln_native::round_bf16x8(_mm256_loadu_ps(g + c)),
+                                                                kiln_native::round_bf16x8(up)));
+                 }
                });
   });
 #endif
