@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
@@ -351,17 +352,25 @@ inline void group_rows(int64_t row0, int64_t row1, const float* xf, int64_t xf_s
 }
 
 // `body(first block, blocks, row0, row1)` over every chunk of kAvx2ChunkRows rows and group of
-// blocks: a chunk's blocks split across threads, each thread's range in groups of up to
-// blocks_at_once(the chunk's rows left after its tiles).
+// blocks (up to blocks_at_once(the chunk's rows left after its tiles)), chunk by chunk. Threads
+// take the next group from a shared counter instead of a fixed share of the blocks: on a shared
+// host one core often runs slower than the other, and with fixed shares the fast one waited at
+// every chunk's end (libgomp spun ~8 % of a prefill step). Each output is computed the same way
+// whichever thread takes it.
 template <typename Body>
 inline void for_each_chunk_group(int64_t M, int64_t blocks, Body&& body) {
-  for (int64_t row0 = 0; row0 < M; row0 += kAvx2ChunkRows) {
-    const int64_t row1 = std::min(M, row0 + kAvx2ChunkRows);
-    const int64_t group = blocks_at_once((row1 - row0) % kAvx2TileRows);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; b += group) body(b, std::min(group, end - b), row0, row1);
-    });
-  }
+  const int64_t chunks = (M + kAvx2ChunkRows - 1) / kAvx2ChunkRows;
+  const int64_t groups_per_chunk = (blocks + kMaxGroup - 1) / kMaxGroup;  // slots; short groups skip some
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < chunks * groups_per_chunk;) {
+      const int64_t row0 = item / groups_per_chunk * kAvx2ChunkRows, row1 = std::min(M, row0 + kAvx2ChunkRows);
+      const int64_t group = blocks_at_once((row1 - row0) % kAvx2TileRows);
+      const int64_t b0 = item % groups_per_chunk * kMaxGroup;
+      for (int64_t b = b0; b < std::min(blocks, b0 + kMaxGroup); b += group)
+        body(b, std::min(group, blocks - b), row0, row1);
+    }
+  });
 }
 
 #endif
