@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -39,8 +40,9 @@ inline PrefillInputs prefill_inputs(const at::Tensor& q, const at::Tensor& k_cac
 }
 
 // body(thread's state, sequence, first query of the tile, queries in the tile, kv head) for every
-// task, a (sequence, `tile` queries, kv head), with make_state() called once per thread. Later
-// query tiles see more keys: dealing tasks out round-robin balances the threads.
+// task, a (sequence, `tile` queries, kv head), with make_state() called once per thread. Threads
+// take the next task from a shared counter, the costliest first (later query tiles see more
+// keys), so that a core slowed by its neighbours on a shared host does not leave the other idle.
 template <typename MakeState, typename Body>
 void for_each_prefill_task(const int32_t* query_starts, int64_t num_seqs, int64_t num_kv_heads, int64_t tile,
                            MakeState&& make_state, Body&& body) {
@@ -51,15 +53,15 @@ void for_each_prefill_task(const int32_t* query_starts, int64_t num_seqs, int64_
   }
   const int64_t num_tasks = task_start[num_seqs];
   const int64_t num_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
     auto state = make_state();
-    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
-      for (int64_t task = thread; task < num_tasks; task += num_threads) {
-        const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
-        const int64_t local = task - task_start[s];
-        const int64_t i0 = local / num_kv_heads * tile, query_len = query_starts[s + 1] - query_starts[s];
-        body(state, s, i0, std::min(query_len - i0, tile), local % num_kv_heads);
-      }
+    for (int64_t taken; (taken = next.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
+      const int64_t task = num_tasks - 1 - taken;
+      const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
+      const int64_t local = task - task_start[s];
+      const int64_t i0 = local / num_kv_heads * tile, query_len = query_starts[s + 1] - query_starts[s];
+      body(state, s, i0, std::min(query_len - i0, tile), local % num_kv_heads);
     }
   });
 }
