@@ -92,7 +92,10 @@ class ModelConfig:
     tokenizer_mode: str = "auto"
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
-    """Run the model's modules op by op: no native decoder stack on CPU (model/native_stack.py)."""
+    """Run the model's modules op by op: no native decoder stack on CPU (model/native_stack.py), no
+    CUDA graphs."""
+    cuda_graph_sizes: tuple[int, ...] = ()
+    """Decode batch sizes replayed from CUDA graphs on CUDA (worker/cuda_graphs.py); empty: none."""
 
     @property
     def is_gguf(self) -> bool:
@@ -434,8 +437,11 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     """KV cache dtype (kiln: auto, the model's dtype)."""
     enforce_eager: bool = False
-    """Always run the model eagerly, module by module: on CPU no native decoder stack (one C++ call
-    for all layers of a step; same results, faster), the closest kiln has to vLLM's CUDA graphs."""
+    """Always run the model eagerly, module by module: no CUDA graphs on CUDA, no native decoder stack
+    on CPU (one C++ call for all layers of a step; same results, faster)."""
+    cuda_graph_sizes: list[int] | None = None
+    """Decode batch sizes captured as CUDA graphs: none given, 1, 2, 4 and multiples of 8 up to
+    min(2 x max_num_seqs, 512); one value, that pattern up to it; several, exactly those. CUDA only."""
     disable_log_stats: bool = False
     """Turn off the periodic stats log line."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -509,6 +515,10 @@ class EngineArgs:
         max_model_len = _derive_max_model_len(hf_config, parse_max_model_len(self.max_model_len))
         names = self.served_model_name
         served = (names[0] if isinstance(names, list) and names else names) or (self.model or "SmolLM2-135M-Instruct")
+        on_gpu = device == "cuda"
+        max_num_seqs = self.max_num_seqs or (256 if on_gpu else 128)
+        if self.cuda_graph_sizes and not on_gpu:
+            logger.warning("--cuda-graph-sizes has no effect on %s: CUDA graphs exist only on CUDA.", device)
         model_config = ModelConfig(
             model=model_path, tokenizer=tokenizer_path, hf_config=hf_config,
             dtype=_resolve_dtype(self.dtype, hf_config, device), max_model_len=max_model_len,
@@ -516,9 +526,8 @@ class EngineArgs:
             revision=self.revision, tokenizer_revision=self.tokenizer_revision,
             tokenizer_mode=self.tokenizer_mode, skip_tokenizer_init=self.skip_tokenizer_init,
             enforce_eager=self.enforce_eager,
+            cuda_graph_sizes=() if self.enforce_eager else cuda_graph_capture_sizes(self.cuda_graph_sizes, max_num_seqs),
         )
-        on_gpu = device == "cuda"
-        max_num_seqs = self.max_num_seqs or (256 if on_gpu else 128)
         max_batched = self.max_num_batched_tokens or (8192 if on_gpu else 2048)
         if max_batched < max_num_seqs:
             raise InvalidRequestError(
@@ -554,6 +563,19 @@ class EngineArgs:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = {k: v for k, v in kwargs.items() if k not in names}
         return cls(**{k: v for k, v in kwargs.items() if k in names}, extra=unknown)
+
+
+def cuda_graph_capture_sizes(requested: list[int] | None, max_num_seqs: int) -> tuple[int, ...]:
+    """vLLM's `--cuda-graph-sizes` rule (see the field); sizes above max_num_seqs are dropped, since
+    a decode batch never has more rows."""
+    if requested is not None and (not requested or any(s < 1 for s in requested)):
+        raise InvalidRequestError(f"--cuda-graph-sizes {requested}: give one or more positive batch sizes.")
+    if requested and len(requested) > 1:
+        sizes = set(requested)
+    else:
+        limit = requested[0] if requested else min(2 * max_num_seqs, 512)
+        sizes = {s for s in (1, 2, 4, *range(8, limit + 1, 8)) if s <= limit}
+    return tuple(sorted(s for s in sizes if s <= max_num_seqs))
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -23,15 +23,47 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def triton_attention_backend(monkeypatch):
     """Route attention through the CUDA backend's Triton kernel, which Triton's interpreter runs on CPU
-    tensors here, with the cache written by index_copy_ as on CUDA."""
-    from kiln.model.layers import attention, triton_attention
+    tensors here, with the cache written by index_copy_ and kept in the rows layout, as on CUDA (an
+    AVX512-BF16 host would otherwise keep bfloat16 caches in the pairs layout the kernel does not read)."""
+    from kiln.model.layers import attention, kv_layout, triton_attention
 
     if not triton_attention.available(torch.device("cpu")):
         pytest.skip("triton is not installed, or its interpreter is off (set above, before triton's import)")
     monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
     monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout: None)
     monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
+    monkeypatch.setattr(kv_layout, "uses_pairs_layout", lambda k_cache: False)
     monkeypatch.setattr(attention, "_triton_kernel", lambda k_cache, pairs_layout: triton_attention.paged_attention)
+
+
+class ReplayByRerun:
+    """A CUDA graph stand-in for CPU: captures by running `fn`, replays by running it again into the
+    captured output. Like a graph, a rerun sees only the static buffers and the attention metadata
+    built at capture time (host-side lengths included), so a forward that read a step's host-side
+    values would go wrong here as it would on a GPU."""
+
+    replays = 0
+
+    def capture(self, fn):
+        self.fn = fn
+        self.output = fn()
+        return self.output
+
+    def replay(self):
+        type(self).replays += 1
+        self.output.copy_(self.fn())
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    """Decode CUDA graphs on CPU (worker/cuda_graphs.py), replayed by `ReplayByRerun`; returns the
+    class, whose `replays` counts them."""
+    from kiln.worker import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "supported", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "graph_factory", lambda device: ReplayByRerun)
+    monkeypatch.setattr(ReplayByRerun, "replays", 0)
+    return ReplayByRerun
 
 
 _MODEL_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}

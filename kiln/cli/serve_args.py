@@ -139,6 +139,8 @@ def _field_kwargs(f: dataclasses.Field, doc: str | None) -> dict[str, Any]:
         kwargs["action"] = OptionalValueAction
     elif "list[str]" in annotation:
         kwargs["nargs"] = "+"
+    elif annotation == "list[int] | None":
+        kwargs.update(nargs="+", type=int)
     elif annotation == "tuple[str, ...]":
         kwargs["type"] = _json_str_list
     elif annotation.startswith("dict["):

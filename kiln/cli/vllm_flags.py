@@ -90,7 +90,7 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     _ignored("--disable-async-output-proc", "deprecated in vLLM; kiln has no async output processing", "switch"),
     _ignored("--num-lookahead-slots", "lookahead slots exist only for speculative decoding", type=int, noop=(0,)),
     _ignored("--swap-space", "kiln preempts by recomputing and never swaps KV blocks to CPU", type=float),
-    _ignored("--max-seq-len-to-capture", "CUDA graph capture length; deprecated in vLLM", type=int),
+    _ignored("--max-seq-len-to-capture", "deprecated in vLLM; kiln's CUDA graphs cover every sequence length", type=int),
     _ignored("--max-context-len-to-capture", "deprecated in vLLM (was --max-seq-len-to-capture)", type=int),
     _ignored("--tokenizer-pool-size", "deprecated in vLLM; tokenization is synchronous", type=int),
     _ignored("--tokenizer-pool-type", "deprecated in vLLM; tokenization is synchronous"),

@@ -2,8 +2,9 @@
 
 It keeps a copy of every running request's tokens and block table between steps (the scheduler
 sends only deltas), flattens all scheduled tokens into one batch without padding, runs the model
-once, computes logits only for the rows that are sampled (plus prompt rows when prompt logprobs
-are asked for), and samples.
+once (decode steps: by replaying a CUDA graph when the worker captured them), computes logits
+only for the rows that are sampled (plus prompt rows when prompt logprobs are asked for), and
+samples.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
 from kiln.sampling.sampler import Sampler, SamplerOutput, gather_logprobs, to_logprobs_lists
 from kiln.structured.backend import GrammarState, allocate_bitmask, apply_bitmask
+from kiln.worker.cuda_graphs import DecodeGraphs
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -77,6 +79,7 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.sampler = Sampler()
         self.requests: dict[str, RunnerRequestState] = {}
+        self.decode_graphs: DecodeGraphs | None = None
 
     # ---- state updates -------------------------------------------------------------------
     def _add_request(self, new: NewRequestData) -> None:
@@ -180,8 +183,7 @@ class ModelRunner:
         if not req_ids:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = self._prepare_inputs(req_ids, sched.num_scheduled_tokens)
-        with forward_context(batch.attn_metadata):
-            hidden = self.model(batch.input_ids, batch.positions)  # [num_tokens, hidden_size]
+        hidden = self._run_model(batch)  # [num_tokens, hidden_size]
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, LogprobsLists] = {}
         if batch.sample_req_ids:
@@ -206,6 +208,13 @@ class ModelRunner:
             logprobs=logprobs,
             prompt_logprobs=self._prompt_logprobs(batch, hidden),
         )
+
+    def _run_model(self, batch: _Batch) -> torch.Tensor:
+        graphs = self.decode_graphs
+        if graphs is not None and (size := graphs.graph_size(batch.attn_metadata)) is not None:
+            return graphs.run(size, batch.input_ids, batch.positions, batch.attn_metadata)
+        with forward_context(batch.attn_metadata):
+            return self.model(batch.input_ids, batch.positions)
 
     def _sample_logprobs(self, req_ids: list[str], out: SamplerOutput) -> dict[str, LogprobsLists]:
         """One host transfer for the whole batch, then each request keeps its own 1 + k columns."""

@@ -2,7 +2,8 @@
 
 It sizes the KV cache (CPU: a fixed byte budget; CUDA: what a profiled forward leaves of
 `gpu_memory_utilization`; `num_gpu_blocks_override` wins over both), allocates it, binds each
-attention layer to its K/V tensors, and hands steps to the model runner.
+attention layer to its K/V tensors, captures the decode CUDA graphs (worker/cuda_graphs.py), and
+hands steps to the model runner.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kiln.model.layers.attention import Attention
 from kiln.model.layers import native
 from kiln.model.layers.cpu_gemm import pack_model_weights
 from kiln.model.loader import load_model
+from kiln.worker import cuda_graphs
 from kiln.worker.cpu_kv_memory import CpuKVMemory
 from kiln.worker.model_runner import ModelRunner
 
@@ -42,7 +44,14 @@ class Worker:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.model_runner = ModelRunner(config, self.model, self.device, eos_token_id)
         self.num_blocks = self._determine_num_blocks()
-        self._allocate_kv_cache(self.num_blocks)
+        graph_sizes = self.config.model_config.cuda_graph_sizes
+        use_graphs = bool(graph_sizes) and cuda_graphs.supported(self.device)
+        if graph_sizes and self.device.type == "cuda" and not use_graphs:
+            logger.warning("CUDA graphs need the Triton attention kernel (is triton installed?): decoding eagerly.")
+        # graphs pad decode batches with rows that write a spare block past the pool
+        self._allocate_kv_cache(self.num_blocks, spare_blocks=int(use_graphs))
+        if use_graphs:
+            self._capture_decode_graphs(graph_sizes)
 
     def _bytes_per_block(self) -> int:
         mc = self.config.model_config
@@ -82,9 +91,20 @@ class Worker:
         budget = total * self.config.cache_config.gpu_memory_utilization - used_by_others - activations
         return max(0, int(budget // self._bytes_per_block()))
 
-    def _allocate_kv_cache(self, num_blocks: int) -> None:
+    def _capture_decode_graphs(self, sizes: tuple[int, ...]) -> None:
+        block_size = self.config.cache_config.block_size
+        graphs = cuda_graphs.DecodeGraphs(
+            self.model, sizes, max_blocks_per_seq=-(-self.config.model_config.max_model_len // block_size),
+            pad_block=self.num_blocks, block_size=block_size, device=self.device,
+            new_graph=cuda_graphs.graph_factory(self.device),
+        )
+        graphs.capture()
+        self.model_runner.decode_graphs = graphs
+
+    def _allocate_kv_cache(self, num_blocks: int, spare_blocks: int = 0) -> None:
         mc, cache = self.config.model_config, self.config.cache_config
-        shape = (num_blocks, mc.num_kv_heads, cache.block_size, mc.head_dim)  # see model/layers/attention.py
+        # see model/layers/attention.py
+        shape = (num_blocks + spare_blocks, mc.num_kv_heads, cache.block_size, mc.head_dim)
         self.kv_memory = CpuKVMemory()
         for layer in self.attn_layers:
             layer.kv_cache = (self._zeros(shape, mc.torch_dtype), self._zeros(shape, mc.torch_dtype))

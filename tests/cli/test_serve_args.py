@@ -460,3 +460,8 @@ def test_flags_page_is_current():
 
     page = Path(__file__).resolve().parents[2] / "docs" / "flags.md"
     assert page.read_text() == render()
+
+
+def test_cuda_graph_sizes_flag_reaches_the_engine_args(served):
+    engine_args, _ = serve(served, "--cuda-graph-sizes", "1", "2", "8")
+    assert engine_args.cuda_graph_sizes == [1, 2, 8]
