@@ -155,29 +155,44 @@ inline void gated_tile(const uint16_t* x, int64_t x_stride, const uint16_t* wg, 
   }
 }
 
+// Which lines of the next panel a panel's row tile prefetches: every tile an equal share, so that
+// the next panel streams in over the whole panel's time. With the whole panel asked for by the
+// last tile alone (as this once did), a tile's ~1 us at 64 rows was far too short for its
+// 55-147 KB to arrive, and the next panel's first tile waited on memory.
+struct PrefetchShare {
+  int64_t per_tile, total;
+  PrefetchShare(int64_t rows, int64_t ahead_lines)
+      : per_tile((ahead_lines + (rows + kTileRows - 1) / kTileRows - 1) / ((rows + kTileRows - 1) / kTileRows)),
+        total(ahead_lines) {}
+  // tile `t`'s lines: `count` of them from `ahead` on (64-byte lines of 32 bfloat16)
+  const uint16_t* from(const uint16_t* ahead, int64_t t) const { return ahead + std::min(t * per_tile, total) * 2 * kBlock; }
+  int64_t count(int64_t t) const { return std::max<int64_t>(0, std::min(per_tile, total - t * per_tile)); }
+};
+
 // All rows against one panel. The first tile reads the panel from memory, later ones from cache;
-// the last tile also prefetches the next panel (`ahead_lines` lines at `ahead`), so that the next
-// first tile finds it in L2 and the memory stream overlaps computing instead of stalling it.
+// meanwhile the tiles prefetch the next panel (`ahead_lines` lines at `ahead`) into L2, so that
+// the memory stream overlaps computing instead of stalling it.
 template <int NB>
 void panel_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t pairs, const float* bias,
                 uint16_t* out, int64_t out_stride, int64_t width, const uint16_t* ahead, int64_t ahead_lines) {
-  const int64_t last_full = rows % kTileRows ? rows : rows - kTileRows;  // the tile that prefetches
-  int64_t m = 0;
-  for (; m + kTileRows <= rows; m += kTileRows) {
-    const bool last = m == last_full;
+  const PrefetchShare share(rows, ahead_lines);
+  int64_t m = 0, t = 0;
+  for (; m + kTileRows <= rows; m += kTileRows, ++t) {
     panel_tile<kTileRows, NB>(x + m * x_stride, x_stride, w, pairs, bias, out + m * out_stride, out_stride, width,
-                              ahead, last ? ahead_lines : 0);
+                              share.from(ahead, t), share.count(t));
   }
   const uint16_t* xs = x + m * x_stride;
   uint16_t* os = out + m * out_stride;
+  const uint16_t* a = share.from(ahead, t);
+  const int64_t n = share.count(t);
   switch (rows - m) {
-    case 7: panel_tile<7, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
-    case 6: panel_tile<6, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
-    case 5: panel_tile<5, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
-    case 4: panel_tile<4, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
-    case 3: panel_tile<3, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
-    case 2: panel_tile<2, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
-    case 1: panel_tile<1, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, ahead, ahead_lines); break;
+    case 7: panel_tile<7, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, a, n); break;
+    case 6: panel_tile<6, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, a, n); break;
+    case 5: panel_tile<5, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, a, n); break;
+    case 4: panel_tile<4, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, a, n); break;
+    case 3: panel_tile<3, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, a, n); break;
+    case 2: panel_tile<2, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, a, n); break;
+    case 1: panel_tile<1, NB>(xs, x_stride, w, pairs, bias, os, out_stride, width, a, n); break;
     default: break;
   }
 }
@@ -187,16 +202,16 @@ template <int NB>
 void gated_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_t* wg, const uint16_t* wu,
                 int64_t pairs, const float* bg, const float* bu, uint16_t* out, int64_t out_stride,
                 const uint16_t* ahead_g, const uint16_t* ahead_u, int64_t ahead_lines) {
-  const int64_t last_full = rows % kTileRows ? rows : rows - kTileRows;
-  int64_t m = 0;
-  for (; m + kTileRows <= rows; m += kTileRows) {
-    const int64_t lines = m == last_full ? ahead_lines : 0;
+  const PrefetchShare share(rows, ahead_lines);
+  int64_t m = 0, t = 0;
+  for (; m + kTileRows <= rows; m += kTileRows, ++t) {
     gated_tile<kTileRows, NB>(x + m * x_stride, x_stride, wg, wu, pairs, bg, bu, out + m * out_stride, out_stride,
-                              ahead_g, ahead_u, lines);
+                              share.from(ahead_g, t), share.from(ahead_u, t), share.count(t));
   }
   const uint16_t* xs = x + m * x_stride;
   uint16_t* os = out + m * out_stride;
-#define KILN_GATED_TILE(R) gated_tile<R, NB>(xs, x_stride, wg, wu, pairs, bg, bu, os, out_stride, ahead_g, ahead_u, ahead_lines)
+#define KILN_GATED_TILE(R) gated_tile<R, NB>(xs, x_stride, wg, wu, pairs, bg, bu, os, out_stride, share.from(ahead_g, t), \
+                                             share.from(ahead_u, t), share.count(t))
   switch (rows - m) {
     case 7: KILN_GATED_TILE(7); break;
     case 6: KILN_GATED_TILE(6); break;
