@@ -158,14 +158,21 @@ class AsyncLLM:
                 self.engine.abort_request(payload)
                 logger.debug("Aborted request %s", payload)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        entry = self._streams.get(request_id)
-        if entry is None:
-            return
-        loop, stream = entry
-        if isinstance(item, BaseException) or item.finished:
-            self._streams.pop(request_id, None)
-        loop.call_soon_threadsafe(stream.put_nowait, item)
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand outputs to their streams with one wake-up per event loop, not one per request: each
+        `call_soon_threadsafe` writes to the loop's self-pipe, 64 writes and callbacks a step at 64
+        running requests, on the cores the step needs."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
+        for request_id, item in items:
+            entry = self._streams.get(request_id)
+            if entry is None:
+                continue
+            loop, stream = entry
+            if isinstance(item, BaseException) or item.finished:
+                self._streams.pop(request_id, None)
+            batches.setdefault(loop, []).append((stream, item))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _run(self) -> None:
         idle_work = True
@@ -181,16 +188,15 @@ class AsyncLLM:
                     self._work.wait(timeout=1.0)
                     self._work.clear()
                     continue
-                for output in self.engine.step():
-                    self._deliver(output.request_id, output)
+                self._deliver_all([(output.request_id, output) for output in self.engine.step()])
             except BaseException as exc:  # the step loop itself broke: fail every request, stop serving
                 logger.exception("The engine step loop failed; the engine is dead")
                 self._dead = exc
-                for request_id in list(self._streams):
-                    self._deliver(request_id, EngineDeadError(f"The engine failed: {exc}"))
+                self._deliver_all([(request_id, EngineDeadError(f"The engine failed: {exc}"))
+                                   for request_id in list(self._streams)])
                 return
-        for request_id in list(self._streams):
-            self._deliver(request_id, EngineDeadError("The server is shutting down."))
+        self._deliver_all([(request_id, EngineDeadError("The server is shutting down."))
+                           for request_id in list(self._streams)])
         self._apply_commands()
         for request_id in list(self.engine.output_processor.parents):
             self.engine.abort_request(request_id)
@@ -200,3 +206,8 @@ class AsyncLLM:
         self._stopped = True
         self._work.set()
         self._thread.join(timeout=30)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
