@@ -306,6 +306,11 @@ inline void prefetch_two_lines(const char* ahead, int64_t iteration) {
   }
 }
 
+// Lanes t0..t1 (a block's visible keys) of a 16-lane mask.
+inline __mmask16 block_keys(int64_t t0, int64_t t1) {
+  return static_cast<__mmask16>(((1u << t1) - 1) & ~((1u << t0) - 1));
+}
+
 // Raw scores of a pairs-layout K tile ([D/2][16] uint32) for NH query heads (q: each head's D/2
 // bfloat16 pairs): lane t of out[i] = q_i . k[t]. Two chains per head hide vdpbf16ps's latency.
 template <int NH>
@@ -325,32 +330,38 @@ inline void pair_tile_scores(const uint32_t* const* q, const uint32_t* kt, int64
   for (int i = 0; i < NH; ++i) out[i] = _mm512_add_ps(even[i], odd[i]);
 }
 
+// Dimensions [d0, d0 + 16 C) of pair_tile_accumulate: NH x C accumulators, each V load and each
+// probability broadcast shared by C or NH products.
+template <int NH, int C>
+inline void pair_tile_accumulate_dims(const uint32_t (*w)[kPairBlock / 2], const uint32_t* vt, float* acc,
+                                      int64_t D, int64_t d0, const char* ahead) {
+  __m512 sums[NH][C];
+  for (int i = 0; i < NH; ++i)
+    for (int c = 0; c < C; ++c) sums[i][c] = _mm512_loadu_ps(acc + i * D + d0 + 16 * c);
+  for (int64_t j = 0; j < kPairBlock / 2; ++j) {
+    prefetch_two_lines(ahead, d0 / 4 + j);
+    if (C == 4) prefetch_two_lines(ahead, d0 / 4 + 8 + j);
+    __m512bh v[C];
+    for (int c = 0; c < C; ++c) v[c] = (__m512bh)_mm512_loadu_si512(vt + j * D + d0 + 16 * c);
+    for (int i = 0; i < NH; ++i) {
+      const __m512bh weight = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w[i][j]));
+      for (int c = 0; c < C; ++c) sums[i][c] = _mm512_dpbf16_ps(sums[i][c], v[c], weight);
+    }
+  }
+  for (int i = 0; i < NH; ++i)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + i * D + d0 + 16 * c, sums[i][c]);
+}
+
 // acc_i += sum_t p_i[t] * v[t] over a pairs-layout V tile ([8][D] uint32) for NH query heads
 // (w[i]: head i's 16 probabilities as 8 bfloat16 pairs; acc: NH rows of D floats, natural order).
+// 64 dimensions at a time: 4 V loads and NH broadcasts per 4 NH products (32 dimensions at a time
+// took 2 + NH per 2 NH, and the loads, not the products, set the pace).
 template <int NH>
 inline void pair_tile_accumulate(const uint32_t (*w)[kPairBlock / 2], const uint32_t* vt, float* acc, int64_t D,
                                  const char* ahead) {
-  for (int64_t d = 0; d < D; d += 32) {
-    __m512 lo[NH], hi[NH];
-    for (int i = 0; i < NH; ++i) {
-      lo[i] = _mm512_loadu_ps(acc + i * D + d);
-      hi[i] = _mm512_loadu_ps(acc + i * D + d + 16);
-    }
-    for (int64_t j = 0; j < kPairBlock / 2; ++j) {
-      prefetch_two_lines(ahead, d / 4 + j);
-      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vt + j * D + d);
-      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vt + j * D + d + 16);
-      for (int i = 0; i < NH; ++i) {
-        const __m512bh weight = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w[i][j]));
-        lo[i] = _mm512_dpbf16_ps(lo[i], v0, weight);
-        hi[i] = _mm512_dpbf16_ps(hi[i], v1, weight);
-      }
-    }
-    for (int i = 0; i < NH; ++i) {
-      _mm512_storeu_ps(acc + i * D + d, lo[i]);
-      _mm512_storeu_ps(acc + i * D + d + 16, hi[i]);
-    }
-  }
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pair_tile_accumulate_dims<NH, 4>(w, vt, acc, D, d0, ahead);
+  if (d0 < D) pair_tile_accumulate_dims<NH, 2>(w, vt, acc, D, d0, ahead);  // D is a multiple of 32
 }
 
 #endif
@@ -477,11 +488,12 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
             with_heads_up_to_four(nh, [&](auto nh_const) {
               pair_tile_scores<decltype(nh_const)::value>(heads, kt, pairs, scores, tile_ahead);
             });
-            for (int64_t i = 0; i < nh; ++i) {
-              alignas(64) float row[kPairBlock];
-              _mm512_store_ps(row, _mm512_mul_ps(scores[i], _mm512_set1_ps(scale)));
-              std::copy(row + t0, row + t1, probs.data() + (h + i) * n + b * kPairBlock - task.first + t0);
-            }
+            // keys t0..t1 of the block, stored at their places in each head's row (the lanes
+            // outside the mask are neither written nor read: the base may lie before the row)
+            const __mmask16 keys = block_keys(t0, t1);
+            for (int64_t i = 0; i < nh; ++i)
+              _mm512_mask_storeu_ps(probs.data() + (h + i) * n + b * kPairBlock - task.first, keys,
+                                    _mm512_mul_ps(scores[i], _mm512_set1_ps(scale)));
           });
         }, task.pass(v_cache, table, block_size));  // the V pass's first tiles arrive during the last K ones
         softmax_rows(probs.data(), n, h0, h1, sums.data(), true);
@@ -491,11 +503,10 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
                                                                                       const T* ahead) {
           for_each_head_chunk(tiles, ahead, [&](const uint32_t* vt, int64_t h, int64_t nh, const char* tile_ahead) {
             alignas(32) uint32_t weights[kMaxHeadsAtOnce][kPairBlock / 2];
+            const __mmask16 keys = block_keys(t0, t1);  // keys outside t0..t1 weigh 0
             for (int64_t i = 0; i < nh; ++i) {
-              alignas(64) float p[kPairBlock] = {};
-              const float* row = probs.data() + (h + i) * n + b * kPairBlock - task.first + t0;
-              std::copy(row, row + (t1 - t0), p + t0);  // keys outside t0..t1 weigh 0
-              _mm256_store_si256(reinterpret_cast<__m256i*>(weights[i]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p)));
+              const __m512 p = _mm512_maskz_loadu_ps(keys, probs.data() + (h + i) * n + b * kPairBlock - task.first);
+              _mm256_store_si256(reinterpret_cast<__m256i*>(weights[i]), (__m256i)_mm512_cvtneps_pbh(p));
             }
             with_heads_up_to_four(nh, [&](auto nh_const) {
               pair_tile_accumulate<decltype(nh_const)::value>(weights, vt, acc.data() + h * D, D, tile_ahead);
