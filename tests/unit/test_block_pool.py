@@ -104,6 +104,19 @@ def test_reverse_free_order_evicts_tail_first_and_uncached_blocks_before_cached(
     assert order[2:] == [2, 1, 0]
 
 
+def test_new_blocks_come_in_ascending_ids_whatever_the_queue_order() -> None:
+    """A finished prompt's cached blocks return tail first (queue order 3, 2, 1, 0); the next
+    request takes those very blocks, in ascending order, so its table is one forward run."""
+    pool = BlockPool(8, enable_caching=True)
+    first = pool.get_new_blocks(4)
+    pool.cache_full_blocks(first, [_fake_hash(i) for i in range(4)], 0, 4)
+    pool.free_blocks(reversed(first))
+    pool.get_new_blocks(4)  # the never-used blocks 4-7 sit at the head
+    assert _ids(pool.free_block_queue.get_all_free_blocks()) == [3, 2, 1, 0]
+    assert _ids(pool.get_new_blocks(3)) == [1, 2, 3]
+    assert _ids(pool.free_block_queue.get_all_free_blocks()) == [0]
+
+
 def test_duplicate_hash_keeps_first_block() -> None:
     """Two blocks computed with the same content: the map keeps one; the other stays uncached."""
     pool = BlockPool(2, enable_caching=True)
