@@ -155,7 +155,15 @@ def test_long_prefill_chunks_match_direct_computation(window, decode_path, make_
                                   make_attn_metadata)
 
 
-def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata):
+def test_query_rows_of_a_wider_tensor_match_direct_computation(decode_path, make_attn_metadata):
+    """The queries as the model hands them over, a view of the fused projection's rows (row stride
+    wider than the heads): the kernels read them in place."""
+    layer = Attention(6, 2, 64, scale=64**-0.5)
+    check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[40, 3, 21], [1, 30, 1]], make_attn_metadata,
+                                  strided_queries=True)
+
+
+def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata, strided_queries=False):
     """Run `steps` (each: the new tokens of every sequence) through `layer` over random block tables
     and a cache holding random leftovers, checking every output row against `reference`."""
     torch.manual_seed(0)
@@ -176,8 +184,11 @@ def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_met
         q = torch.randn(sum(step_new), heads, head_dim).to(dtype)
         k = torch.cat([history[i][0][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
         v = torch.cat([history[i][1][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
+        q_rows = q.flatten(1)
+        if strided_queries:  # the same values, each row followed by room for k and v
+            q_rows = torch.cat([q_rows, torch.zeros(len(q), 2 * kv_heads * head_dim, dtype=dtype)], 1)[:, :heads * head_dim]
         with torch.inference_mode(), forward_context(md):
-            out = layer(q.flatten(1), k.flatten(1), v.flatten(1)).view(-1, heads, head_dim)
+            out = layer(q_rows, k.flatten(1), v.flatten(1)).view(-1, heads, head_dim)
         row = 0
         for i, (c, n) in enumerate(zip(computed, step_new)):
             positions = torch.arange(c, c + n)

@@ -103,7 +103,7 @@ inline void attend_tile(RowBlock& st, const uint16_t* const* q_rows, const uint3
 void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* block_tables,
                        const int32_t* seq_lens, const int32_t* query_starts, uint16_t* out, int64_t num_seqs,
                        int64_t num_heads, int64_t num_kv_heads, int64_t D, int64_t max_blocks, float scale,
-                       int64_t window) {
+                       int64_t window, int64_t q_row_stride) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t tile = kTile * D, block = num_kv_heads * tile;
   const auto make_state = [&] { return std::vector<RowBlock>(group); };
@@ -139,7 +139,7 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
       for (int64_t g = 0; g < group; ++g) {
         const uint16_t* rows[kTile];
         for (int64_t r = 0; r < kTile; ++r)
-          rows[r] = q + ((query_starts[s] + i0 + std::min(r, num_rows - 1)) * num_heads + kh * group + g) * D;
+          rows[r] = q + (query_starts[s] + i0 + std::min(r, num_rows - 1)) * q_row_stride + (kh * group + g) * D;
         attend_tile(blocks[g], rows, kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
       }
     }
@@ -171,13 +171,13 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   const kiln_native::PrefillInputs in =
       kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 32);
   TORCH_CHECK(q.size(2) <= 256, "head_dim at most 256 (the size of the tile buffers)");
-  auto out = at::empty_like(in.q);
+  auto out = in.new_output();
 #if defined(__AVX512BF16__)
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
   prefill_attention(u16(in.q), u16(k_cache), u16(v_cache), in.block_tables.data_ptr<int32_t>(),
       in.seq_lens.data_ptr<int32_t>(), in.query_starts.data_ptr<int32_t>(),
       reinterpret_cast<uint16_t*>(out.data_ptr()), in.num_seqs, in.num_heads, in.num_kv_heads, in.head_dim,
-      in.max_blocks, static_cast<float>(scale), sliding_window);
+      in.max_blocks, static_cast<float>(scale), sliding_window, in.q_row_stride);
 #endif
   return out;
 }

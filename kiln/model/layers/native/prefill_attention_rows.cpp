@@ -175,7 +175,7 @@ struct TaskRows {
 void prefill_attention_rows(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_starts,
                             uint16_t* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t D,
-                            int64_t max_blocks, float scale, int64_t window) {
+                            int64_t max_blocks, float scale, int64_t window, int64_t q_row_stride) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t tile = kKeys * D, block = num_kv_heads * tile;
   const auto make_state = [&] { return TaskRows(kPositions * group, D); };
@@ -187,9 +187,9 @@ void prefill_attention_rows(const uint16_t* q, const uint16_t* k_cache, const ui
     const int64_t first_key = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
     const int32_t* table = block_tables + s * max_blocks;
     const int64_t rows = positions * group;
-    auto q_row = [&](int64_t r) {  // row r = (position r / group, head kh * group + r % group)
-      return ((query_starts[s] + i0 + r / group) * num_heads + kh * group + r % group) * D;
-    };
+    // row r = (position r / group, head kh * group + r % group), in q and in the output
+    auto q_row = [&](int64_t r) { return (query_starts[s] + i0 + r / group) * q_row_stride + (kh * group + r % group) * D; };
+    auto out_row = [&](int64_t r) { return ((query_starts[s] + i0 + r / group) * num_heads + kh * group + r % group) * D; };
     for (int64_t r = 0; r < rows; ++r) {
       const uint16_t* src = q + q_row(r);
       for (int64_t d = 0; d < D; ++d) st.q[r * D + d] = bf16_to_float(src[d]) * scale;
@@ -246,7 +246,7 @@ void prefill_attention_rows(const uint16_t* q, const uint16_t* k_cache, const ui
       });
     }
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* o = out + q_row(r);
+      uint16_t* o = out + out_row(r);
       const __m256 inv = _mm256_set1_ps(1.f / st.sum[r]);
       for (int64_t d = 0; d < D; d += 16) {  // chunk order (even dims, odd dims) back to natural
         const __m256 even = _mm256_mul_ps(_mm256_loadu_ps(st.acc.data() + r * D + d), inv);
@@ -272,13 +272,13 @@ at::Tensor paged_prefill_attention_rows(const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(rows_prefill_available(), "paged_prefill_attention_rows needs AVX2 and FMA");
   const kiln_native::PrefillInputs in =
       kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 16);
-  auto out = at::empty_like(in.q);
+  auto out = in.new_output();
 #if defined(__AVX2__) && defined(__FMA__)
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
   prefill_attention_rows(u16(in.q), u16(k_cache), u16(v_cache), in.block_tables.data_ptr<int32_t>(),
       in.seq_lens.data_ptr<int32_t>(), in.query_starts.data_ptr<int32_t>(),
       reinterpret_cast<uint16_t*>(out.data_ptr()), in.num_seqs, in.num_heads, in.num_kv_heads, in.head_dim,
-      in.max_blocks, static_cast<float>(scale), sliding_window);
+      in.max_blocks, static_cast<float>(scale), sliding_window, in.q_row_stride);
 #endif
   return out;
 }
