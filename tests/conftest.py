@@ -61,7 +61,7 @@ def stand_in_graphs(monkeypatch):
     from kiln.worker import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "supported", lambda device: True)
-    monkeypatch.setattr(cuda_graphs, "graph_factory", lambda device: ReplayByRerun)
+    monkeypatch.setattr(cuda_graphs, "graph_factory", lambda: ReplayByRerun)
     monkeypatch.setattr(ReplayByRerun, "replays", 0)
     return ReplayByRerun
 

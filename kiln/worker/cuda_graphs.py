@@ -59,7 +59,7 @@ class CudaGraph:
         self.graph.replay()
 
 
-def graph_factory(device: torch.device) -> Callable[[], Graph]:
+def graph_factory() -> Callable[[], Graph]:
     """New graphs of one shared memory pool."""
     pool = torch.cuda.graph_pool_handle()
     return lambda: CudaGraph(pool)
@@ -76,7 +76,7 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, sizes: tuple[int, ...], max_blocks_per_seq: int, pad_block: int,
                  block_size: int, device: torch.device, new_graph: Callable[[], Graph]) -> None:
         self.model = model
-        self.sizes = sizes
+        self.sizes = tuple(sorted(sizes))  # ascending: graph_size takes the first that holds a batch
         self.pad_block, self.block_size = pad_block, block_size
         rows = max(sizes)
         self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -92,7 +92,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        for size in sorted(self.sizes, reverse=True):
+        for size in reversed(self.sizes):
             forward = self._forward_fn(size)
             forward()  # warm up: Triton compiles and cuBLAS picks its kernels outside the capture
             graph = self.new_graph()

@@ -96,7 +96,7 @@ class Worker:
         graphs = cuda_graphs.DecodeGraphs(
             self.model, sizes, max_blocks_per_seq=-(-self.config.model_config.max_model_len // block_size),
             pad_block=self.num_blocks, block_size=block_size, device=self.device,
-            new_graph=cuda_graphs.graph_factory(self.device),
+            new_graph=cuda_graphs.graph_factory(),
         )
         graphs.capture()
         self.model_runner.decode_graphs = graphs

@@ -161,9 +161,10 @@ inline void gated_tile(const uint16_t* x, int64_t x_stride, const uint16_t* wg, 
 // 55-147 KB to arrive, and the next panel's first tile waited on memory.
 struct PrefetchShare {
   int64_t per_tile, total;
-  PrefetchShare(int64_t rows, int64_t ahead_lines)
-      : per_tile((ahead_lines + (rows + kTileRows - 1) / kTileRows - 1) / ((rows + kTileRows - 1) / kTileRows)),
-        total(ahead_lines) {}
+  PrefetchShare(int64_t rows, int64_t ahead_lines) : total(ahead_lines) {
+    const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+    per_tile = (ahead_lines + tiles - 1) / tiles;
+  }
   // tile `t`'s lines: `count` of them from `ahead` on (64-byte lines of 32 bfloat16)
   const uint16_t* from(const uint16_t* ahead, int64_t t) const { return ahead + std::min(t * per_tile, total) * 2 * kBlock; }
   int64_t count(int64_t t) const { return std::max<int64_t>(0, std::min(per_tile, total - t * per_tile)); }
