@@ -146,6 +146,16 @@ def test_every_gqa_group_size_matches_direct_computation(heads, kv_heads, decode
                                   make_attn_metadata)
 
 
+@pytest.mark.parametrize("head_dim", [96, 128])
+@pytest.mark.parametrize("window", [None, 20])
+def test_other_head_dims_match_direct_computation(head_dim, window, decode_path, make_attn_metadata):
+    """The prefill kernel specializes its tile loops for head_dim 64 and 128 (Qwen3, Llama) and keeps
+    a general loop for other multiples of 32 (96 here)."""
+    layer = Attention(6, 2, head_dim, scale=head_dim**-0.5, sliding_window=window)
+    check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[29, 3, 17, 1], [1, 20, 1, 1], [1, 1, 1, 1]],
+                                  make_attn_metadata)
+
+
 @pytest.mark.parametrize("window", [None, 50])
 def test_long_prefill_chunks_match_direct_computation(window, decode_path, make_attn_metadata):
     """Prompts over many blocks, chunked (the second chunk starts mid-block, after a context): the

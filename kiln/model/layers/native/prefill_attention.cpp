@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -39,19 +40,52 @@ constexpr int64_t kTile = 16;    // keys per cache block, and query positions pe
 constexpr int64_t kMaxDim = 256;  // head_dim bound of the fixed-size tile buffers
 
 // The running state of one query head's 16 rows (positions) of a task: row max and sum of the
-// rounded probabilities as 16 lanes, and the unnormalized outputs.
+// rounded probabilities as 16 lanes, the unnormalized outputs, and the rows' queries side by side
+// (copied once per task: read through 16 row pointers, the score loop spent a third of its
+// instructions moving the pointers in and out of vector registers).
 struct RowBlock {
   __m512 max, sum;
   alignas(64) float acc[kTile * kMaxDim];
+  alignas(64) uint16_t q[kTile * kMaxDim];
 };
+
+// The 16 lane sums (Op: add) or maxima (Op: max) of v[0..15] as one vector, lane r from v[r]. It runs
+// _mm512_reduce_add_ps's tree (halves of 256, then 128, 64 and 32 bits) on all rows at once, so each
+// lane is bitwise that reduction, in 45 instructions where 16 separate reductions took 16 dependent
+// chains of 7 and then a store-forwarding stall to read their 16 scalars back as one vector.
+template <typename Op>
+inline __m512 reduce_rows(const __m512 (&v)[kTile], Op op) {
+  // slot s takes row 4 (s % 4) + s / 4: the last stage leaves slot c + 4 j in lane 4 c + j
+  const auto slot = [&](int s) { return v[4 * (s % 4) + s / 4]; };
+  __m512 halves[8], quarters[4], eighths[2];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k) {  // lanes 0-7: slot 2k folded 256 bits, 8-15: slot 2k + 1
+    const __m512 a = slot(2 * k), b = slot(2 * k + 1);
+    halves[k] = op(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)  // 128-bit lane c: slot 4k + c folded to 4 lanes
+    quarters[k] = op(_mm512_shuffle_f32x4(halves[2 * k], halves[2 * k + 1], 0x88),
+                     _mm512_shuffle_f32x4(halves[2 * k], halves[2 * k + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k)  // 128-bit lane c: slots 8k + c and 8k + 4 + c, two lanes each
+    eighths[k] = op(_mm512_shuffle_ps(quarters[2 * k], quarters[2 * k + 1], 0x44),
+                    _mm512_shuffle_ps(quarters[2 * k], quarters[2 * k + 1], 0xEE));
+  return op(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88), _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+}
+
+inline __m512 add16(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+inline __m512 max16(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
 
 // One key tile against the 16 rows of one query head: every step below works on all rows at once
 // (16 independent dependency chains, so the core's pipelines stay full). The row loops have a
 // fixed trip count so that the per-row vectors stay in registers; rows past the end of a short
-// query tile repeat a real row and see no keys.
-inline void attend_tile(RowBlock& st, const uint16_t* const* q_rows, const uint32_t* kt,
-                        const uint32_t* vt, const __mmask16* visible, int64_t pair_lo, int64_t pair_hi, int64_t D,
-                        float scale) {
+// query tile repeat a real row and see no keys. kFixedD: the head dim as a constant (0: `head_dim`
+// at run time), so that every row's offsets are immediates.
+template <int64_t kFixedD>
+inline void attend_tile(RowBlock& st, const uint32_t* kt, const uint32_t* vt, const __mmask16* visible,
+                        int64_t pair_lo, int64_t pair_hi, int64_t head_dim, float scale) {
+  const int64_t D = kFixedD > 0 ? kFixedD : head_dim;
   const int64_t pairs = D / 2;
   __m512 scores[kTile];
   for (int64_t r = 0; r < kTile; ++r) scores[r] = _mm512_setzero_ps();
@@ -59,32 +93,30 @@ inline void attend_tile(RowBlock& st, const uint16_t* const* q_rows, const uint3
     const __m512bh keys = (__m512bh)_mm512_loadu_si512(kt + p * kTile);
 #pragma GCC unroll 16
     for (int64_t r = 0; r < kTile; ++r) {
-      const uint32_t pair = reinterpret_cast<const uint32_t*>(q_rows[r])[p];
+      const uint32_t pair = reinterpret_cast<const uint32_t*>(st.q + r * D)[p];
       scores[r] = _mm512_dpbf16_ps(scores[r], (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair)), keys);
     }
   }
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  alignas(64) float tile_max[kTile];
-  for (int64_t r = 0; r < kTile; ++r) {
+  for (int64_t r = 0; r < kTile; ++r)
     scores[r] = _mm512_mask_mov_ps(neg_inf, visible[r], _mm512_mul_ps(scores[r], _mm512_set1_ps(scale)));
-    tile_max[r] = _mm512_reduce_max_ps(scores[r]);  // -inf for rows that see nothing here
-  }
-  const __m512 new_max = _mm512_max_ps(st.max, _mm512_load_ps(tile_max));
+  const __m512 new_max = _mm512_max_ps(st.max, reduce_rows(scores, max16));  // -inf: rows that see nothing yet
   const __mmask16 empty = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_EQ_OQ);
   // exp(old - new): 0 on a row's first visible tile; 1 while a row has seen nothing yet
   const __m512 correction = _mm512_mask_mov_ps(exp16(_mm512_sub_ps(st.max, new_max)), empty, _mm512_set1_ps(1.f));
   st.max = new_max;
-  alignas(64) float row_max[kTile], row_corr[kTile], tile_sum[kTile];
+  alignas(64) float row_max[kTile], row_corr[kTile];
   _mm512_store_ps(row_max, new_max);
   _mm512_store_ps(row_corr, correction);
   alignas(32) uint32_t weights[kTile][kTile / 2];  // per row: bfloat16 probabilities, key pairs
+  __m512 rounded_probs[kTile];
   for (int64_t r = 0; r < kTile; ++r) {
     const __m512 probs = _mm512_maskz_mov_ps(visible[r], exp16(_mm512_sub_ps(scores[r], _mm512_set1_ps(row_max[r]))));
     const __m256bh rounded = _mm512_cvtneps_pbh(probs);
     _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r]), (__m256i)rounded);
-    tile_sum[r] = _mm512_reduce_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)rounded), 16)));
+    rounded_probs[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)rounded), 16));
   }
-  st.sum = _mm512_add_ps(_mm512_mul_ps(st.sum, correction), _mm512_load_ps(tile_sum));
+  st.sum = _mm512_add_ps(_mm512_mul_ps(st.sum, correction), reduce_rows(rounded_probs, add16));
   for (int64_t d = 0; d < D; d += 16) {
     __m512 acc[kTile];
 #pragma GCC unroll 16
@@ -119,6 +151,9 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
       blocks[g].max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       blocks[g].sum = _mm512_setzero_ps();
       std::fill(blocks[g].acc, blocks[g].acc + kTile * D, 0.f);
+      for (int64_t r = 0; r < kTile; ++r)
+        std::memcpy(blocks[g].q + r * D, q + (query_starts[s] + i0 + std::min(r, num_rows - 1)) * q_row_stride + (kh * group + g) * D,
+                    D * sizeof(uint16_t));
     }
     for (int64_t b = first_key / kTile; b <= last_key / kTile; ++b) {
       const uint32_t* kt = reinterpret_cast<const uint32_t*>(k_cache + table[b] * block + kh * tile);
@@ -137,10 +172,9 @@ void prefill_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_
       }
       if (hi_all < 0) continue;
       for (int64_t g = 0; g < group; ++g) {
-        const uint16_t* rows[kTile];
-        for (int64_t r = 0; r < kTile; ++r)
-          rows[r] = q + (query_starts[s] + i0 + std::min(r, num_rows - 1)) * q_row_stride + (kh * group + g) * D;
-        attend_tile(blocks[g], rows, kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
+        if (D == 64) attend_tile<64>(blocks[g], kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
+        else if (D == 128) attend_tile<128>(blocks[g], kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
+        else attend_tile<0>(blocks[g], kt, vt, visible, lo_all >> 1, hi_all >> 1, D, scale);
       }
     }
     for (int64_t g = 0; g < group; ++g) {
