@@ -108,22 +108,23 @@ def test_pair_packed_kernel_rounds_like_a_bfloat16_product(rows, in_features, ou
 
 
 # Every output is one float32 sum in k order, however many rows and blocks the kernel takes at once
-# (tiles of up to 6 or 8 rows, groups of up to 4 blocks for the rows left over), so a row's result
-# does not depend on the batch it came in: the 1-row products, stacked, are the batched ones.
+# (tiles of up to 6 or 8 rows, groups of up to 4 blocks for the rows left over, passes of 256 rows),
+# so a row's result does not depend on the batch it came in: the 1-row products, stacked, are the
+# batched ones.
 @pytest.mark.parametrize("out_features", [16, 40, 96, 144, 208])
 def test_pair_packed_products_do_not_depend_on_the_batch(out_features):
     kernel, fused = native.pair_packed_linear(), native.pair_packed_silu_gate_up()
     if kernel is None or fused is None:
         pytest.skip("no pair-packed kernels on this machine")
     torch.manual_seed(2)
-    x, weight = torch.randn(70, 96).bfloat16(), torch.randn(out_features, 96).bfloat16()
+    x, weight = torch.randn(600, 96).bfloat16(), torch.randn(out_features, 96).bfloat16()
     bias = torch.randn(out_features).bfloat16()
     packed = native.pack_weight_pairs(weight)
-    singles = torch.cat([kernel(x[m:m + 1], packed, bias, out_features) for m in range(70)])
+    singles = torch.cat([kernel(x[m:m + 1], packed, bias, out_features) for m in range(600)])
     intermediate = out_features // 16 // 2 * 16 or 16
     gate_up = native.pack_weight_pairs(torch.randn(2 * intermediate, 96).bfloat16())
-    fused_singles = torch.cat([fused(x[m:m + 1], gate_up, None, intermediate) for m in range(70)])
-    for rows in [*range(2, 14), 64, 70]:
+    fused_singles = torch.cat([fused(x[m:m + 1], gate_up, None, intermediate) for m in range(600)])
+    for rows in [*range(2, 14), 64, 70, 256, 300, 600]:
         assert torch.equal(kernel(x[:rows], packed, bias, out_features), singles[:rows])
         assert torch.equal(fused(x[:rows], gate_up, None, intermediate), fused_singles[:rows])
 

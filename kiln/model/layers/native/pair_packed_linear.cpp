@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <utility>
 
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -38,6 +39,13 @@ namespace {
 constexpr int64_t kBlock = 16;    // outputs per packed block (one zmm of float32 sums)
 constexpr int64_t kPanel = 3;     // blocks per panel
 constexpr int64_t kTileRows = 8;  // rows per register tile
+// Rows per pass over a thread's panels. One pass over all rows of a prefill chunk streamed the whole
+// x (2048 x 576 bfloat16: 2.4 MB) through L2 once per 48-column panel, and each panel's output strip
+// (96 bytes a row, cache lines shared with the next panel) had left L2 before that panel wrote its
+// half: 256 rows keep x's rows and the strips in L2 while the panels, re-read from L3, take turns.
+// 30 layers of SmolLM2's products at 1024-2048 rows, interleaved in one process: 2-9 % faster in an
+// hour when the host's L3 was busy (the products at ~68 % of peak), the same on a quiet host (~87 %).
+constexpr int64_t kRowChunk = 256;
 
 bool pair_packed_linear_available() { return kiln_native::pair_packed_available(); }
 
@@ -169,6 +177,18 @@ struct PrefetchShare {
   const uint16_t* from(const uint16_t* ahead, int64_t t) const { return ahead + std::min(t * per_tile, total) * 2 * kBlock; }
   int64_t count(int64_t t) const { return std::max<int64_t>(0, std::min(per_tile, total - t * per_tile)); }
 };
+
+// What panel `panel` of a thread's [begin, end) prefetches while it computes: the next one, or after
+// the last, the first again when another chunk of rows follows (none after the last chunk).
+// Returns its first element and its length in 64-byte lines.
+inline std::pair<const uint16_t*, int64_t> next_panel(const uint16_t* weights, int64_t block_elems, int64_t pairs,
+                                                      int64_t blocks, int64_t begin, int64_t end, int64_t panel,
+                                                      bool more_rows) {
+  const int64_t next = panel + 1 < end ? panel + 1 : more_rows ? begin : -1;
+  if (next < 0) return {weights, 0};
+  const int64_t b0 = next * kPanel;
+  return {weights + b0 * block_elems, std::min(kPanel, blocks - b0) * pairs};
+}
 
 // All rows against one panel. The first tile reads the panel from memory, later ones from cache;
 // meanwhile the tiles prefetch the next panel (`ahead_lines` lines at `ahead`) into L2, so that
@@ -443,17 +463,20 @@ at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
   const int64_t x_stride = in.x_stride, block_elems = pairs * 2 * kBlock;
   const int64_t panels = (blocks + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t b0 = panel * kPanel, nb = std::min(kPanel, blocks - b0), col = b0 * kBlock;
-      const int64_t width = std::min(nb * kBlock, out_features - col);
-      const uint16_t* w = wp + b0 * block_elems;
-      const float* pb = bp != nullptr ? bp + col : nullptr;
-      // the next panel of this thread (64-byte lines; none after its last)
-      const int64_t ahead_lines = panel + 1 < end ? std::min(kPanel, blocks - b0 - nb) * pairs : 0;
-      const uint16_t* ahead = w + nb * block_elems;
-      if (nb == 3) panel_rows<3>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width, ahead, ahead_lines);
-      else if (nb == 2) panel_rows<2>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width, ahead, ahead_lines);
-      else panel_rows<1>(M, xp, x_stride, w, pairs, pb, op + col, out_features, width, ahead, ahead_lines);
+    for (int64_t row0 = 0; row0 < M; row0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, M - row0);
+      const uint16_t* x_rows = xp + row0 * x_stride;
+      for (int64_t panel = begin; panel < end; ++panel) {
+        const int64_t b0 = panel * kPanel, nb = std::min(kPanel, blocks - b0), col = b0 * kBlock;
+        const int64_t width = std::min(nb * kBlock, out_features - col);
+        const uint16_t* w = wp + b0 * block_elems;
+        const float* pb = bp != nullptr ? bp + col : nullptr;
+        uint16_t* o = op + row0 * out_features + col;
+        const auto [ahead, ahead_lines] = next_panel(wp, block_elems, pairs, blocks, begin, end, panel, row0 + rows < M);
+        if (nb == 3) panel_rows<3>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
+        else if (nb == 2) panel_rows<2>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
+        else panel_rows<1>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
+      }
     }
   });
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -492,19 +515,23 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
   const int64_t block_elems = pairs * 2 * kBlock, up_offset = gate_blocks * block_elems;
   const int64_t panels = (gate_blocks + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t b0 = panel * kPanel, nb = std::min(kPanel, gate_blocks - b0), col = b0 * kBlock;
-      const uint16_t* wg = wp + b0 * block_elems;
-      const float* bg = in.bias_f32 != nullptr ? in.bias_f32 + col : nullptr;
-      const float* bu = in.bias_f32 != nullptr ? in.bias_f32 + intermediate_size + col : nullptr;
-      const int64_t ahead_lines = panel + 1 < end ? std::min(kPanel, gate_blocks - b0 - nb) * pairs : 0;
-      const uint16_t* ahead_g = wg + nb * block_elems;
-#define KILN_GATED_ROWS(NB) gated_rows<NB>(M, in.x_bits, in.x_stride, wg, wg + up_offset, pairs, bg, bu, op + col, \
+    for (int64_t row0 = 0; row0 < M; row0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, M - row0);
+      const uint16_t* x_rows = in.x_bits + row0 * in.x_stride;
+      for (int64_t panel = begin; panel < end; ++panel) {
+        const int64_t b0 = panel * kPanel, nb = std::min(kPanel, gate_blocks - b0), col = b0 * kBlock;
+        const uint16_t* wg = wp + b0 * block_elems;
+        const float* bg = in.bias_f32 != nullptr ? in.bias_f32 + col : nullptr;
+        const float* bu = in.bias_f32 != nullptr ? in.bias_f32 + intermediate_size + col : nullptr;
+        uint16_t* o = op + row0 * intermediate_size + col;
+        const auto [ahead_g, ahead_lines] = next_panel(wp, block_elems, pairs, gate_blocks, begin, end, panel, row0 + rows < M);
+#define KILN_GATED_ROWS(NB) gated_rows<NB>(rows, x_rows, in.x_stride, wg, wg + up_offset, pairs, bg, bu, o, \
                                            intermediate_size, ahead_g, ahead_g + up_offset, ahead_lines)
-      if (nb == 3) KILN_GATED_ROWS(3);
-      else if (nb == 2) KILN_GATED_ROWS(2);
-      else KILN_GATED_ROWS(1);
+        if (nb == 3) KILN_GATED_ROWS(3);
+        else if (nb == 2) KILN_GATED_ROWS(2);
+        else KILN_GATED_ROWS(1);
 #undef KILN_GATED_ROWS
+      }
     }
   });
 #elif defined(__AVX2__) && defined(__FMA__)
