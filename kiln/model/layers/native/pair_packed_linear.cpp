@@ -39,10 +39,10 @@ namespace {
 constexpr int64_t kBlock = 16;    // outputs per packed block (one zmm of float32 sums)
 constexpr int64_t kPanel = 3;     // blocks per panel
 constexpr int64_t kTileRows = 8;  // rows per register tile
-// Rows per pass over a thread's panels. One pass over all rows of a prefill chunk streamed the whole
-// x (2048 x 576 bfloat16: 2.4 MB) through L2 once per 48-column panel, and each panel's output strip
-// (96 bytes a row, cache lines shared with the next panel) had left L2 before that panel wrote its
-// half: 256 rows keep x's rows and the strips in L2 while the panels, re-read from L3, take turns.
+// Rows per pass over a thread's panels. One pass over all rows of a prefill chunk streams the whole
+// x (2048 x 576 bfloat16: 2.4 MB) through L2 once per 48-column panel, and a panel's output strip
+// (96 bytes a row) shares cache lines with the next panel's: passes of 256 rows keep x's rows and
+// the strips in L2 while the panels, re-read from L3, take turns.
 // 30 layers of SmolLM2's products at 1024-2048 rows, interleaved in one process: 2-9 % faster in an
 // hour when the host's L3 was busy (the products at ~68 % of peak), the same on a quiet host (~87 %).
 constexpr int64_t kRowChunk = 256;
