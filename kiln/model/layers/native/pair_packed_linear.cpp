@@ -178,15 +178,26 @@ struct PrefetchShare {
   int64_t count(int64_t t) const { return std::max<int64_t>(0, std::min(per_tile, total - t * per_tile)); }
 };
 
-// What panel `panel` of a thread's [begin, end) prefetches while it computes: the next one, or after
-// the last, the first again when another chunk of rows follows (none after the last chunk).
-// Returns its first element and its length in 64-byte lines.
-inline std::pair<const uint16_t*, int64_t> next_panel(const uint16_t* weights, int64_t block_elems, int64_t pairs,
-                                                      int64_t blocks, int64_t begin, int64_t end, int64_t panel,
-                                                      bool more_rows) {
-  const int64_t next = panel + 1 < end ? panel + 1 : more_rows ? begin : -1;
-  if (next < 0) return {weights, 0};
-  const int64_t b0 = next * kPanel;
+// body(first row, rows, panel, the panel to prefetch meanwhile or -1) for every pass of up to
+// kRowChunk rows over every panel, the panels split into a contiguous range per thread. A thread's
+// last panel of a pass prefetches its first one for the next pass.
+template <typename Body>
+void for_each_pass_and_panel(int64_t M, int64_t panels, Body&& body) {
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row0 = 0; row0 < M; row0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, M - row0);
+      for (int64_t panel = begin; panel < end; ++panel)
+        body(row0, rows, panel, panel + 1 < end ? panel + 1 : row0 + rows < M ? begin : -1);
+    }
+  });
+}
+
+// Panel `panel` (-1: none) of packed weights with `blocks` blocks: its first element and its
+// length in 64-byte lines, what a tile loop prefetches.
+inline std::pair<const uint16_t*, int64_t> panel_lines(const uint16_t* weights, int64_t block_elems, int64_t pairs,
+                                                       int64_t blocks, int64_t panel) {
+  if (panel < 0) return {weights, 0};
+  const int64_t b0 = panel * kPanel;
   return {weights + b0 * block_elems, std::min(kPanel, blocks - b0) * pairs};
 }
 
@@ -462,22 +473,17 @@ at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t x_stride = in.x_stride, block_elems = pairs * 2 * kBlock;
   const int64_t panels = (blocks + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row0 = 0; row0 < M; row0 += kRowChunk) {
-      const int64_t rows = std::min(kRowChunk, M - row0);
-      const uint16_t* x_rows = xp + row0 * x_stride;
-      for (int64_t panel = begin; panel < end; ++panel) {
-        const int64_t b0 = panel * kPanel, nb = std::min(kPanel, blocks - b0), col = b0 * kBlock;
-        const int64_t width = std::min(nb * kBlock, out_features - col);
-        const uint16_t* w = wp + b0 * block_elems;
-        const float* pb = bp != nullptr ? bp + col : nullptr;
-        uint16_t* o = op + row0 * out_features + col;
-        const auto [ahead, ahead_lines] = next_panel(wp, block_elems, pairs, blocks, begin, end, panel, row0 + rows < M);
-        if (nb == 3) panel_rows<3>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
-        else if (nb == 2) panel_rows<2>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
-        else panel_rows<1>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
-      }
-    }
+  for_each_pass_and_panel(M, panels, [&](int64_t row0, int64_t rows, int64_t panel, int64_t next) {
+    const int64_t b0 = panel * kPanel, nb = std::min(kPanel, blocks - b0), col = b0 * kBlock;
+    const int64_t width = std::min(nb * kBlock, out_features - col);
+    const uint16_t* w = wp + b0 * block_elems;
+    const uint16_t* x_rows = xp + row0 * x_stride;
+    const float* pb = bp != nullptr ? bp + col : nullptr;
+    uint16_t* o = op + row0 * out_features + col;
+    const auto [ahead, ahead_lines] = panel_lines(wp, block_elems, pairs, blocks, next);
+    if (nb == 3) panel_rows<3>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
+    else if (nb == 2) panel_rows<2>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
+    else panel_rows<1>(rows, x_rows, x_stride, w, pairs, pb, o, out_features, width, ahead, ahead_lines);
   });
 #elif defined(__AVX2__) && defined(__FMA__)
   const at::Tensor xf = widened_rows(in.x_bits, in.x_stride, M, x.size(1), pairs);
@@ -514,25 +520,20 @@ at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packe
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t block_elems = pairs * 2 * kBlock, up_offset = gate_blocks * block_elems;
   const int64_t panels = (gate_blocks + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row0 = 0; row0 < M; row0 += kRowChunk) {
-      const int64_t rows = std::min(kRowChunk, M - row0);
-      const uint16_t* x_rows = in.x_bits + row0 * in.x_stride;
-      for (int64_t panel = begin; panel < end; ++panel) {
-        const int64_t b0 = panel * kPanel, nb = std::min(kPanel, gate_blocks - b0), col = b0 * kBlock;
-        const uint16_t* wg = wp + b0 * block_elems;
-        const float* bg = in.bias_f32 != nullptr ? in.bias_f32 + col : nullptr;
-        const float* bu = in.bias_f32 != nullptr ? in.bias_f32 + intermediate_size + col : nullptr;
-        uint16_t* o = op + row0 * intermediate_size + col;
-        const auto [ahead_g, ahead_lines] = next_panel(wp, block_elems, pairs, gate_blocks, begin, end, panel, row0 + rows < M);
+  for_each_pass_and_panel(M, panels, [&](int64_t row0, int64_t rows, int64_t panel, int64_t next) {
+    const int64_t b0 = panel * kPanel, nb = std::min(kPanel, gate_blocks - b0), col = b0 * kBlock;
+    const uint16_t* wg = wp + b0 * block_elems;
+    const uint16_t* x_rows = in.x_bits + row0 * in.x_stride;
+    const float* bg = in.bias_f32 != nullptr ? in.bias_f32 + col : nullptr;
+    const float* bu = in.bias_f32 != nullptr ? in.bias_f32 + intermediate_size + col : nullptr;
+    uint16_t* o = op + row0 * intermediate_size + col;
+    const auto [ahead_g, ahead_lines] = panel_lines(wp, block_elems, pairs, gate_blocks, next);
 #define KILN_GATED_ROWS(NB) gated_rows<NB>(rows, x_rows, in.x_stride, wg, wg + up_offset, pairs, bg, bu, o, \
                                            intermediate_size, ahead_g, ahead_g + up_offset, ahead_lines)
-        if (nb == 3) KILN_GATED_ROWS(3);
-        else if (nb == 2) KILN_GATED_ROWS(2);
-        else KILN_GATED_ROWS(1);
+    if (nb == 3) KILN_GATED_ROWS(3);
+    else if (nb == 2) KILN_GATED_ROWS(2);
+    else KILN_GATED_ROWS(1);
 #undef KILN_GATED_ROWS
-      }
-    }
   });
 #elif defined(__AVX2__) && defined(__FMA__)
   // the tiles: each product rounded to bfloat16 and combined by silu_and_mul's own 8-lane step:
