@@ -132,6 +132,10 @@ class ModelConfig:
         return self.hf_config.vocab_size
 
 
+# vLLM's names of the fp8 KV cache formats -> torch dtypes ("fp8" is e4m3, as in vLLM)
+FP8_KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache and automatic prefix caching."""
@@ -144,6 +148,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     """Exact number of KV blocks; wins over both memory settings (used to force preemption in tests)."""
+    cache_dtype: str = "auto"
+    """auto (the model's dtype), or an fp8 format (FP8_KV_CACHE_DTYPES; EngineArgs checks the name)
+    stored with scale 1.0."""
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -156,6 +163,12 @@ class CacheConfig:
             raise InvalidRequestError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1].")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise InvalidRequestError("num_gpu_blocks_override must be at least 1.")
+
+    def kv_torch_dtype(self, model_dtype: Any) -> Any:
+        """The dtype the K/V caches are stored in."""
+        import torch
+
+        return model_dtype if self.cache_dtype == "auto" else getattr(torch, FP8_KV_CACHE_DTYPES[self.cache_dtype])
 
 
 @dataclass(frozen=True)
@@ -435,7 +448,8 @@ class EngineArgs:
     quantization: str | None = None
     """Weight quantization method: none, or gguf (GGUF files are dequantized at load)."""
     kv_cache_dtype: str = "auto"
-    """KV cache dtype (kiln: auto, the model's dtype)."""
+    """KV cache dtype: auto (the model's dtype), or fp8 (= fp8_e4m3) / fp8_e5m2, which halve a bfloat16
+    cache's bytes per token (values saturate at the format's largest; scale 1.0, no calibration)."""
     enforce_eager: bool = False
     """Always run the model eagerly, module by module: no CUDA graphs on CUDA, no native decoder stack
     on CPU (one C++ call for all layers of a step; same results, faster)."""
@@ -462,9 +476,10 @@ class EngineArgs:
             raise UnsupportedFeatureError(
                 f"kiln does not support --quantization {self.quantization} yet (only gguf).", "quantization"
             )
-        if self.kv_cache_dtype != "auto":
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in FP8_KV_CACHE_DTYPES:
             raise UnsupportedFeatureError(
-                f"kiln does not support --kv-cache-dtype {self.kv_cache_dtype} yet (only auto).", "kv_cache_dtype"
+                f"kiln does not support --kv-cache-dtype {self.kv_cache_dtype} (auto, {', '.join(FP8_KV_CACHE_DTYPES)}).",
+                "kv_cache_dtype",
             )
         if self.tokenizer_mode not in ("auto", "slow", "hf"):
             raise UnsupportedFeatureError(
@@ -545,7 +560,7 @@ class EngineArgs:
                 block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                 prefix_caching_hash_algo=self.prefix_caching_hash_algo,  # type: ignore[arg-type]
                 kv_cache_memory_bytes=kv_bytes, gpu_memory_utilization=self.gpu_memory_utilization,
-                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                num_gpu_blocks_override=self.num_gpu_blocks_override, cache_dtype=self.kv_cache_dtype,
             ),
             scheduler_config=SchedulerConfig(
                 max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,

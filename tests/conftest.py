@@ -30,7 +30,7 @@ def triton_attention_backend(monkeypatch):
     if not triton_attention.available(torch.device("cpu")):
         pytest.skip("triton is not installed, or its interpreter is off (set above, before triton's import)")
     monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
-    monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout: None)
+    monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout, q_dtype: None)
     monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
     monkeypatch.setattr(kv_layout, "uses_pairs_layout", lambda k_cache: False)
     monkeypatch.setattr(attention, "_triton_kernel", lambda k_cache, pairs_layout: triton_attention.paged_attention)

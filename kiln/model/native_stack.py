@@ -6,7 +6,7 @@ the same kernels, in the same order, from C++, so the results are bitwise those 
 
 It takes a model whose every layer offers `native_weights()` (model/common.py says when: pair-packed
 bfloat16 weights, SiLU, no subclass overriding a forward; biases and Qwen3's q/k norms are fine), all layers
-bound to caches of one layout, and a step whose attention groups are contiguous rows (decodes
+bound to caches of one layout (bfloat16 or fp8 values), and a step whose attention groups are contiguous rows (decodes
 first, as the scheduler orders them) with any prefill group on caches a native prefill kernel
 reads (attention.prefill_kernel). Anything else runs the modules, which stay the reference.
 """
@@ -22,6 +22,9 @@ import torch
 from kiln.model.forward_context import get_attn_metadata
 from kiln.model.layers import native
 from kiln.model.layers.attention import Attention, prefill_kernel, step_plan
+from kiln.model.layers.kv_layout import FP8_DTYPES
+
+_CACHE_DTYPES = (torch.bfloat16, *FP8_DTYPES)  # the stack's activations are bfloat16
 
 
 @dataclass
@@ -51,7 +54,7 @@ class NativeDecoderStack:
         self.scale, self.eps, self.intermediate_size = first.scale, eps, intermediate_size
         self.pairs_layout = first.pairs_layout
         # decoder_stack.cpp calls the same prefill kernel for the layout as Attention does
-        self.native_prefill = prefill_kernel(self.k_caches[0], self.pairs_layout) is not None
+        self.native_prefill = prefill_kernel(self.k_caches[0], self.pairs_layout, torch.bfloat16) is not None
         self.kernel = native.decoder_stack()
 
     @classmethod
@@ -60,7 +63,7 @@ class NativeDecoderStack:
         attentions = [layer.self_attn.attn for layer in layers]
         caches = [a.kv_cache for a in attentions]
         # the device first: elsewhere than on CPU nothing below (nor the kernels' build) is needed
-        if (not layers or any(c is None or c[0].device.type != "cpu" or c[0].dtype != torch.bfloat16 for c in caches)
+        if (not layers or any(c is None or c[0].device.type != "cpu" or c[0].dtype not in _CACHE_DTYPES for c in caches)
                 or native.decoder_stack() is None):
             return None
         per_layer = [layer.native_weights() for layer in layers]

@@ -53,9 +53,13 @@ class Worker:
         if use_graphs:
             self._capture_decode_graphs(graph_sizes)
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.config.cache_config.kv_torch_dtype(self.config.model_config.torch_dtype)
+
     def _bytes_per_block(self) -> int:
         mc = self.config.model_config
-        element_size = torch.empty((), dtype=mc.torch_dtype).element_size()
+        element_size = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         per_layer = 2 * self.config.cache_config.block_size * mc.num_kv_heads * mc.head_dim * element_size
         return per_layer * len(self.attn_layers)
 
@@ -107,12 +111,13 @@ class Worker:
         shape = (num_blocks + spare_blocks, mc.num_kv_heads, cache.block_size, mc.head_dim)
         self.kv_memory = CpuKVMemory()
         for layer in self.attn_layers:
-            layer.kv_cache = (self._zeros(shape, mc.torch_dtype), self._zeros(shape, mc.torch_dtype))
+            layer.kv_cache = (self._zeros(shape, self.kv_cache_dtype), self._zeros(shape, self.kv_cache_dtype))
         num_tokens = num_blocks * cache.block_size
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); maximum concurrency at %d tokens "
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s); maximum concurrency at %d tokens "
             "per request: %.2fx",
             num_blocks, cache.block_size, num_tokens, num_blocks * self._bytes_per_block() / 2**30,
+            str(self.kv_cache_dtype).removeprefix("torch."),
             mc.max_model_len, num_tokens / mc.max_model_len,
         )
 

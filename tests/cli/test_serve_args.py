@@ -261,7 +261,7 @@ def test_invalid_choice_and_static_checks_stop_before_loading(served, capsys):
     assert "--scheduling-policy" in serve_fails(capsys, served, "--scheduling-policy", "lifo")
     assert "--device tpu" in serve_fails(capsys, served, "--device", "tpu")
     assert "--load-format npcache" in serve_fails(capsys, served, "--load-format", "npcache")
-    assert "--kv-cache-dtype fp8" in serve_fails(capsys, served, "--kv-cache-dtype", "fp8")
+    assert "--kv-cache-dtype fp8_inc" in serve_fails(capsys, served, "--kv-cache-dtype", "fp8_inc")
     assert "dtype='int8'" in serve_fails(capsys, served, "--dtype", "int8")
     with pytest.raises(InvalidRequestError):
         EngineArgs(dtype="int8").check_supported()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kiln.model.forward_context import AttentionMetadata, forward_context
+from kiln.model.layers import kv_layout
 from kiln.model.layers.attention import Attention
 
 
@@ -60,12 +61,13 @@ StepSeqLike = StepSeq | tuple[Hashable, Sequence[int], int]
 class PagedKVCache:
     """Per-layer K/V caches bound to `model`'s Attention layers, and per-sequence block tables."""
 
-    def __init__(self, model: nn.Module, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, num_blocks: int = 64, block_size: int = 4, seed: int = 0,
+                 cache_dtype: torch.dtype | None = None) -> None:
         self.block_size = block_size
-        dtype = next(model.parameters()).dtype
+        dtype = cache_dtype or next(model.parameters()).dtype
         for layer in (m for m in model.modules() if isinstance(m, Attention)):
             shape = (num_blocks, layer.num_kv_heads, block_size, layer.head_dim)
-            layer.kv_cache = (torch.full(shape, 1e4, dtype=dtype), torch.full(shape, 1e4, dtype=dtype))
+            layer.kv_cache = tuple(kv_layout.to_cache_dtype(torch.full(shape, 1e4), dtype) for _ in range(2))
         self.free_blocks = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.block_tables: dict[Hashable, list[int]] = {}
 

@@ -40,7 +40,7 @@ def decode_path(request, monkeypatch):
         request.getfixturevalue("triton_attention_backend")
     elif request.param == "torch":
         monkeypatch.setattr(attention, "_decode_kernel", lambda device: None)
-        monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout: None)
+        monkeypatch.setattr(attention, "prefill_kernel", lambda k_cache, pairs_layout, q_dtype: None)
         monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
     elif native.paged_decode_attention() is None:
         pytest.skip("the native kernels could not be built here")
@@ -156,6 +156,47 @@ def test_other_head_dims_match_direct_computation(head_dim, window, decode_path,
                                   make_attn_metadata)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("window", [None, 20])
+# float32 at 1e-4: the saturated keys give scores in the hundreds, whose float32 exp is off by ~1e-5
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_fp8_caches_match_direct_computation_over_the_stored_values(cache_dtype, window, dtype, tol, decode_path,
+                                                                     make_attn_metadata, intra_op_threads):
+    """fp8 KV caches (rows layout) hold each key and value as `to_cache_dtype` casts it, saturated
+    and subnormal values included; every path widens them exactly, so attention over them matches
+    the direct computation over those values within the dtype's usual tolerance."""
+    layer = Attention(6, 2, 64, scale=64**-0.5, sliding_window=window)
+    check_steps_against_reference(layer, 16, dtype, tol, [[29, 3, 17, 1], [1, 20, 1, 1], [1, 1, 1, 1]],
+                                  make_attn_metadata, cache_dtype=cache_dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_fp8_cache_write_matches_the_torch_cast(cache_dtype, dtype):
+    """The native write stores the bytes `to_cache_dtype` gives: torch's rounding, saturation at the
+    format's largest finite value (also for infinities), subnormals, NaN kept a NaN."""
+    writer = native.write_kv_cache()
+    if writer is None:
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(0)
+    num_blocks, block, head_dim, tokens = 4, 16, 32, 9
+    key = torch.randn(tokens, KV_HEADS * head_dim) * torch.logspace(-9, 6, KV_HEADS * head_dim, base=2)
+    key[0, :6] = torch.tensor([float("inf"), -float("inf"), 1e6, -1e6, 464.0, 57344.0 * 1.06])
+    value = -key.flip(0)
+    value[1, 0] = float("nan")
+    key, value = key.to(dtype), value.to(dtype)
+    slots = torch.randperm(num_blocks * block)[:tokens]
+    shape = (num_blocks, KV_HEADS, block, head_dim)
+    k_cache, v_cache = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
+    writer(key, value, k_cache, v_cache, slots, False)
+    stored_k = k_cache.view(torch.uint8)
+    stored_v = v_cache.view(torch.uint8)
+    for t, slot in enumerate(slots.tolist()):
+        for stored, x in ((stored_k, key[t]), (stored_v, value[t])):
+            expected = kv_layout.to_cache_dtype(x.view(KV_HEADS, head_dim), cache_dtype).view(torch.uint8)
+            assert torch.equal(stored[slot // block, :, slot % block], expected)
+
+
 @pytest.mark.parametrize("window", [None, 50])
 def test_long_prefill_chunks_match_direct_computation(window, decode_path, make_attn_metadata):
     """Prompts over many blocks, chunked (the second chunk starts mid-block, after a context): the
@@ -173,21 +214,31 @@ def test_query_rows_of_a_wider_tensor_match_direct_computation(decode_path, make
                                   strided_queries=True)
 
 
-def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata, strided_queries=False):
+def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata, strided_queries=False,
+                                  cache_dtype=None):
     """Run `steps` (each: the new tokens of every sequence) through `layer` over random block tables
-    and a cache holding random leftovers, checking every output row against `reference`."""
+    and a cache holding random leftovers, checking every output row against `reference`. With an
+    fp8 `cache_dtype` the reference attends over the keys and values as that cache stores them."""
     torch.manual_seed(0)
     heads, kv_heads, head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    cache_dtype = cache_dtype or dtype
     num_blocks = 40
     shape = (num_blocks, kv_heads, block, head_dim)
     # random (finite) leftovers in the cache, as blocks reused from finished sequences hold
-    layer.kv_cache = (torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
+    layer.kv_cache = (torch.randn(shape).to(cache_dtype), torch.randn(shape).to(cache_dtype))
     free = torch.randperm(num_blocks).tolist()
     num_seqs = len(steps[0])
     history_len = max(sum(step[i] for step in steps) for i in range(num_seqs))
     tables = [[free.pop() for _ in range(-(-history_len // block))] for _ in range(num_seqs)]
     history = [(torch.randn(history_len, kv_heads, head_dim).to(dtype),
                 torch.randn(history_len, kv_heads, head_dim).to(dtype)) for _ in range(num_seqs)]
+    stored = history
+    if cache_dtype != dtype:
+        for keys, values in history:  # values fp8 saturates, and values in its subnormal range
+            keys[0, 0, :4], values[1, 0, :4] = 1e5, -1e5
+            keys[2:4] *= 1e-4
+            values[4:6] *= 1e-5
+        stored = [tuple(kv_layout.to_cache_dtype(x, cache_dtype).to(dtype) for x in pair) for pair in history]
     computed = [0] * num_seqs
     for step_new in steps:
         md = make_attn_metadata(computed, step_new, tables, block)
@@ -202,7 +253,7 @@ def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_met
         row = 0
         for i, (c, n) in enumerate(zip(computed, step_new)):
             positions = torch.arange(c, c + n)
-            expected = reference(q[row:row + n], history[i][0][:c + n], history[i][1][:c + n], positions,
+            expected = reference(q[row:row + n], stored[i][0][:c + n], stored[i][1][:c + n], positions,
                                  head_dim**-0.5, layer.sliding_window)
             torch.testing.assert_close(out[row:row + n].double(), expected, atol=tol, rtol=tol)
             row += n

@@ -63,8 +63,8 @@ def native_calls(monkeypatch):
     return calls
 
 
-def _run(model, steps, block_size, make_kv_cache, run_step) -> list[torch.Tensor]:
-    cache = make_kv_cache(model, num_blocks=48, block_size=block_size)
+def _run(model, steps, block_size, make_kv_cache, run_step, cache_dtype=None) -> list[torch.Tensor]:
+    cache = make_kv_cache(model, num_blocks=48, block_size=block_size, cache_dtype=cache_dtype)
     return [run_step(model, cache, step) for step in steps]
 
 
@@ -101,6 +101,20 @@ def test_native_stack_gives_bitwise_the_module_logits(family, extra, tmp_path, m
     # every step ran natively (without a native prefill kernel, only the decode-only step would)
     assert native_calls == [_prefill_natively() or step is STEPS[3] for step in STEPS]
     expected = _run(modules, STEPS, 16, make_kv_cache, run_step)
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), f"step {step} differs"
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_native_stack_over_fp8_caches_gives_bitwise_the_module_logits(family, cache_dtype, tmp_path, make_kv_cache,
+                                                                      run_step, native_calls):
+    """fp8 caches (--kv-cache-dtype fp8): the stack writes and reads them with the modules' own kernels."""
+    path = _save(tmp_path, family)
+    fused, modules = _load(path), _modules_only(_load(path))
+    got = _run(fused, STEPS, 16, make_kv_cache, run_step, cache_dtype)
+    assert native_calls == [_prefill_natively() or step is STEPS[3] for step in STEPS]
+    expected = _run(modules, STEPS, 16, make_kv_cache, run_step, cache_dtype)
     for step, (g, e) in enumerate(zip(got, expected)):
         assert torch.equal(g, e), f"step {step} differs"
 

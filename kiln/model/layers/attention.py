@@ -15,7 +15,7 @@ decode) is built once per step in a `StepPlan` and shared by all layers:
 | rows | method |
 | --- | --- |
 | decode (query len 1), CPU | native kernel (native/paged_attention.cpp): K tiles read in place for the scores, a float32 softmax, V tiles read in place for the sum |
-| prefill chunks, CPU: pairs layout, or bfloat16 rows | native kernels (native/prefill_attention*.cpp): flash-style over tiles read in place, masked tiles skipped |
+| prefill chunks, CPU: pairs layout, or bfloat16 queries over bfloat16 or fp8 rows | native kernels (native/prefill_attention*.cpp): flash-style over tiles read in place, masked tiles skipped |
 | any rows, CUDA with Triton | one Triton kernel (triton_attention.py): flash-style over the block table, tiles read in place |
 | decode, elsewhere | gathered tiles, bmm, float32 softmax, bmm: transformers' eager order of operations; GQA groups are the rows of each kv head's matrix |
 | prefill chunks, elsewhere | gathered tiles, queries padded to the longest chunk, SDPA with a causal (and sliding-window) mask |
@@ -146,12 +146,14 @@ def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
     return native.paged_decode_attention() if device.type == "cpu" else None
 
 
-def prefill_kernel(k_cache: torch.Tensor, pairs_layout: bool) -> Callable[..., torch.Tensor] | None:
-    """The native prefill kernel for the cache's layout: pairs (AVX512-BF16), or rows (AVX2) where the
-    cache is bfloat16 on CPU with 16-key blocks and head_dim a multiple of 16."""
+def prefill_kernel(k_cache: torch.Tensor, pairs_layout: bool, q_dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+    """The native prefill kernel for the cache's layout: pairs (AVX512-BF16), or rows (AVX2) where
+    bfloat16 queries attend over a bfloat16 or fp8 cache on CPU with 16-key blocks and head_dim a
+    multiple of 16."""
     if pairs_layout:
         return native.paged_prefill_attention()
-    if k_cache.device.type != "cpu" or k_cache.dtype != torch.bfloat16 or k_cache.shape[2] != 16 or k_cache.shape[3] % 16:
+    if (k_cache.device.type != "cpu" or q_dtype != torch.bfloat16 or k_cache.shape[2] != 16 or k_cache.shape[3] % 16
+            or not (k_cache.dtype == torch.bfloat16 or kv_layout.is_fp8(k_cache))):
         return None
     return native.paged_prefill_attention_rows()
 
@@ -201,8 +203,11 @@ class Attention(nn.Module):
         elif self.pairs_layout:
             kv_layout.write_pairs(k_cache, v_cache, k, v, md.slot_mapping)
         else:
-            k_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, k.reshape(-1, self.head_dim))
-            v_cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, v.reshape(-1, self.head_dim))
+            for cache, x in ((k_cache, k), (v_cache, v)):
+                x = kv_layout.to_cache_dtype(x.reshape(-1, self.head_dim), cache.dtype)
+                if kv_layout.is_fp8(cache):  # index_copy_ has no fp8 kernels: copy the bytes
+                    cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+                cache.view(-1, self.head_dim).index_copy_(0, plan.write_rows, x)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         if len(plan.groups) == 1:
             return self._attend(q, plan.groups[0]).reshape(num_tokens, -1)
@@ -217,7 +222,7 @@ class Attention(nn.Module):
         if group.max_query_len == 1 and (kernel := _decode_kernel(q.device)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, self.scale,
                           self.sliding_window or 0, self.pairs_layout)
-        if group.max_query_len > 1 and (kernel := prefill_kernel(k_cache, self.pairs_layout)) is not None:
+        if group.max_query_len > 1 and (kernel := prefill_kernel(k_cache, self.pairs_layout, q.dtype)) is not None:
             return kernel(q, k_cache, v_cache, group.block_tables, group.seq_lens, group.query_starts, self.scale,
                           self.sliding_window or 0)
         if (kernel := _triton_kernel(k_cache, self.pairs_layout)) is not None:
@@ -228,7 +233,7 @@ class Attention(nn.Module):
             keys = kv_layout.pairs_keys_as_rows(keys, self.head_dim)
             values = kv_layout.pairs_values_as_rows(values, self.head_dim)
         shape = (group.num_seqs, self.num_kv_heads, group.key_len, self.head_dim)
-        keys, values = keys.view(shape), values.view(shape)
+        keys, values = keys.view(shape).to(q.dtype), values.view(shape).to(q.dtype)  # fp8 caches widen exactly
         if group.max_query_len == 1:
             return self._decode(q, keys, values, group)
         return self._prefill(q, keys, values, group)

@@ -16,6 +16,11 @@ pair is a contiguous tile of block_size keys. Inside a tile, one of two layouts:
 
 The native kernels read and write the pairs layout themselves; the functions below let the torch
 path (the reference, and the fallback of each kernel) do the same.
+
+Independently of the layout, a cache may store its values in an fp8 format (`--kv-cache-dtype
+fp8`, `fp8_e5m2`: rows layout only): half a bfloat16 cache's bytes per token, so twice the tokens in
+the same memory and half the bytes a decode step reads. Values are cast with scale 1.0, saturating
+at the format's largest finite value, and widened back exactly (every fp8 value is a bfloat16 one).
 """
 
 from __future__ import annotations
@@ -25,6 +30,20 @@ import torch
 from kiln.model.layers import native
 
 PAIRS_BLOCK_SIZE = 16
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype in FP8_DTYPES
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as a cache of `dtype` stores it: fp8 formats saturate at their largest finite value (as
+    the native write does; torch's own cast to fp8_e5m2 overflows to inf instead). NaN stays NaN."""
+    if dtype in FP8_DTYPES:
+        limit = torch.finfo(dtype).max
+        return x.clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
 
 
 def uses_pairs_layout(k_cache: torch.Tensor) -> bool:

@@ -7,8 +7,8 @@ positions times the kv head's GQA group (padded to a power of two), so every K/V
 serves the whole group. Keys are visited in TILE_N-key steps that may span several cache blocks
 (each key's block comes from the block table), up to the program's last query position: the
 causal bound, so masked tiles are never loaded; a sliding window also moves the first tile up.
-Scores and the running softmax are float32; probabilities are rounded to the cache dtype before
-the product with V, as FlashAttention does.
+Scores and the running softmax are float32; probabilities are rounded to the model dtype before
+the product with V, as FlashAttention does. fp8 caches (kv_layout.py) widen to it on load.
 
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors, which is how the
 tests check it against the direct computation on machines without a GPU. The interpreter's
@@ -97,7 +97,7 @@ def _paged_attention_body(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + slot[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-        p_rounded = p.to(v.dtype).to(DOT_DTYPE)
+        p_rounded = p.to(out_ptr.dtype.element_ty).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p_rounded, v.to(DOT_DTYPE), input_precision=PRECISION)
         m_i = m_new
 
@@ -137,7 +137,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     grid = (num_seqs, -(-max_query_len // block_q), num_kv_heads)
-    dot_dtype = _dot_dtype(k_cache.dtype)
+    dot_dtype = _dot_dtype(q.dtype)
     _kernel(_interpreting())[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_starts,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),

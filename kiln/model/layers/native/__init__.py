@@ -55,7 +55,7 @@ class _Kernels:
     paged_decode_attention: Callable[..., torch.Tensor]
     write_kv_cache: Callable[..., None]
     paged_prefill_attention: Callable[..., torch.Tensor] | None  # None on CPUs without AVX512-BF16 (as the pairs layout)
-    paged_prefill_attention_rows: Callable[..., torch.Tensor] | None  # None on CPUs without AVX2 and FMA
+    paged_prefill_attention_rows: Callable[..., torch.Tensor] | None  # None on CPUs without AVX2, FMA and F16C
     pair_packed_linear: Callable[..., torch.Tensor] | None  # None on CPUs with neither AVX512-BF16 nor AVX2
     pair_packed_silu_gate_up: Callable[..., torch.Tensor] | None  # as pair_packed_linear
     decoder_stack: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # needs pair_packed_linear
@@ -169,6 +169,7 @@ def paged_prefill_attention() -> Callable[..., torch.Tensor] | None:
 
 
 def paged_prefill_attention_rows() -> Callable[..., torch.Tensor] | None:
-    """The bfloat16 prefill-attention kernel over rows-layout caches of 16-key blocks (see
-    prefill_attention_rows.cpp), or None where it is unavailable (no kernels, or a CPU without AVX2 and FMA)."""
+    """The prefill-attention kernel for bfloat16 queries over rows-layout bfloat16 or fp8 caches of 16-key
+    blocks (see prefill_attention_rows.cpp), or None where it is unavailable (no kernels, or a CPU
+    without AVX2, FMA and F16C)."""
     return _kernels.paged_prefill_attention_rows if load() else None  # type: ignore[union-attr]

@@ -6,12 +6,18 @@
 // step over 30 layers; this kernel reads the strided rows in place and copies each head's row
 // to its slot, a few microseconds per layer. In the pairs layout (kv_layout.py: bfloat16 16-key
 // blocks, K tiles [D/2][16][2], V tiles [8][D][2]) a K row lands as D/2 pairs 64 bytes apart and
-// a V row in every other bfloat16 of its key pair's run.
+// a V row in every other bfloat16 of its key pair's run. fp8 caches (rows layout) take each value
+// clamped to the format's largest finite one and cast as torch casts it (c10's conversion, so the
+// bytes are those of the torch path's `to_cache_dtype`).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+
+#include <algorithm>
 #include <cstring>
 
 #include "kernels.h"
@@ -20,7 +26,8 @@ namespace {
 
 void check_source(const at::Tensor& x, const at::Tensor& cache, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, " must be [tokens, kv_heads * head_dim] with contiguous rows");
-  TORCH_CHECK(x.scalar_type() == cache.scalar_type(), name, " and its cache must have the same dtype");
+  TORCH_CHECK(x.scalar_type() == cache.scalar_type() || kiln_native::is_fp8(cache.scalar_type()), name,
+              " and its cache must have the same dtype (or an fp8 cache)");
   TORCH_CHECK(x.size(1) == cache.size(1) * cache.size(3), name, " width must be kv_heads * head_dim of the cache");
 }
 
@@ -33,6 +40,29 @@ inline void write_pairs(const uint16_t* k, const uint16_t* v, uint16_t* k_tile, 
   for (int64_t p = 0; p < D / 2; ++p) k_dst[p * kBlock] = k_pairs[p];
   uint16_t* v_dst = v_tile + (offset / 2) * 2 * D + (offset % 2);
   for (int64_t d = 0; d < D; ++d) v_dst[2 * d] = v[d];
+}
+
+// One row of D source values (S) into an fp8 cache row (F), saturating at F's largest finite value.
+template <typename F, typename S>
+inline void write_fp8_row(const S* x, F* dst, int64_t D) {
+  const float limit = static_cast<float>(std::numeric_limits<F>::max());
+  for (int64_t d = 0; d < D; ++d) dst[d] = F(std::clamp(static_cast<float>(x[d]), -limit, limit));
+}
+
+// f(fp8 cache type, source type) for an fp8 cache written from a bfloat16, float16 or float32 source
+template <typename Fn>
+inline void with_fp8_types(at::ScalarType cache, at::ScalarType source, Fn&& f) {
+  auto with_source = [&](auto fp8) {
+    using F = decltype(fp8);
+    switch (source) {
+      case at::kBFloat16: f(F{}, c10::BFloat16{}); break;
+      case at::kHalf: f(F{}, c10::Half{}); break;
+      case at::kFloat: f(F{}, float{}); break;
+      default: TORCH_CHECK(false, "an fp8 KV cache is written from bfloat16, float16 or float32 values");
+    }
+  };
+  if (cache == at::kFloat8_e4m3fn) with_source(c10::Float8_e4m3fn{});
+  else with_source(c10::Float8_e5m2{});
 }
 
 }  // namespace
@@ -55,7 +85,10 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   TORCH_CHECK(!pairs_layout || (k_cache.scalar_type() == at::kBFloat16 && BS == 16 && D % 2 == 0),
               "the pairs layout needs bfloat16 caches with 16-key blocks and an even head_dim");
   const int64_t num_slots = k_cache.size(0) * BS;
-  const int64_t elem = k_cache.element_size(), row_bytes = D * elem;
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value must share a dtype");
+  const bool fp8 = is_fp8(k_cache.scalar_type());
+  TORCH_CHECK(!(fp8 && pairs_layout), "fp8 caches keep the rows layout");
+  const int64_t elem = key.element_size(), row_bytes = D * elem, cache_row_bytes = D * k_cache.element_size();
   auto slots = slot_mapping.contiguous();
   const int64_t* slot_ptr = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
@@ -84,9 +117,20 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
         continue;
       }
       for (int64_t h = 0; h < KH; ++h) {
-        const int64_t dst = ((block * KH + h) * BS + offset) * row_bytes;
-        std::memcpy(kc + dst, kp + t * k_stride + h * row_bytes, row_bytes);
-        std::memcpy(vc + dst, vp + t * v_stride + h * row_bytes, row_bytes);
+        const int64_t dst = ((block * KH + h) * BS + offset) * cache_row_bytes;
+        const char* k_row = kp + t * k_stride + h * row_bytes;
+        const char* v_row = vp + t * v_stride + h * row_bytes;
+        if (fp8) {
+          with_fp8_types(k_cache.scalar_type(), key.scalar_type(), [&](auto fp8_type, auto source_type) {
+            using F = decltype(fp8_type);
+            using S = decltype(source_type);
+            write_fp8_row(reinterpret_cast<const S*>(k_row), reinterpret_cast<F*>(kc + dst), D);
+            write_fp8_row(reinterpret_cast<const S*>(v_row), reinterpret_cast<F*>(vc + dst), D);
+          });
+        } else {
+          std::memcpy(kc + dst, k_row, row_bytes);
+          std::memcpy(vc + dst, v_row, row_bytes);
+        }
       }
     }
   });

@@ -29,6 +29,9 @@ inline bool pair_packed_available() {
 #endif
 }
 
+// Whether a KV cache of this dtype stores fp8 values (rows layout; see kv_layout.py).
+inline bool is_fp8(at::ScalarType dtype) { return dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2; }
+
 at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                               int64_t out_features);
 at::Tensor pair_packed_silu_gate_up(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,

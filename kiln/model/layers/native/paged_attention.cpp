@@ -8,7 +8,8 @@
 //
 // Two tile layouts (see kv_layout.py):
 // - rows, any dtype and block size: a tile is [block_size][D]; float32 arithmetic on widened values
-//   (on AVX2, bfloat16 rows widen 16 dims at a time, even and odd dims apart: see Chunk16).
+//   (on AVX2, bfloat16 and fp8 rows widen 16 dims at a time, even and odd dims apart: see Chunk16).
+//   fp8 caches (e4m3fn, e5m2) hold K/V for queries of any float dtype; their values widen exactly.
 // - pairs, bfloat16 16-key blocks with D a multiple of 32 (AVX512-BF16): a K tile is [D/2][16][2],
 //   so the 16 scores of a tile accumulate in the lanes of D/2 vdpbf16ps with no horizontal sums,
 //   and a V tile is [8][D][2], two keys per vdpbf16ps weighted by one pair of probabilities. Up to
@@ -23,6 +24,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -39,15 +42,31 @@
 
 namespace {
 
+template <typename T>
+constexpr bool kFp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
+
+#if defined(KILN_FP8_SIMD)
+using kiln_native::Fp8;
+template <typename T>
+constexpr Fp8 kFp8Format = std::is_same_v<T, c10::Float8_e4m3fn> ? Fp8::e4m3 : Fp8::e5m2;
+constexpr bool kFp8Vectorized = true;
+#else
+constexpr bool kFp8Vectorized = false;
+#endif
+
 #if defined(__AVX512F__)
 // 16 cache values widened to float32 lanes, straight from the cache (no staging copy).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) { return kiln_native::load_bf16x16(reinterpret_cast<const uint16_t*>(p)); }
+#if defined(KILN_FP8_SIMD)
+template <typename T, std::enable_if_t<kFp8<T>, int> = 0>
+inline __m512 load16(const T* p) { return kiln_native::load_fp8x16<kFp8Format<T>>(reinterpret_cast<const uint8_t*>(p)); }
+#endif
 template <typename T>
-constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || (kFp8<T> && kFp8Vectorized);
 #elif defined(__AVX2__) && defined(__FMA__)
 template <typename T>
-constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || (kFp8<T> && kFp8Vectorized);
 
 // 16 cache values as two vectors of float32 lanes, in chunk order (simd_math.h). float32: dims 0-7,
 // then 8-15. The query and the V sums live in the same order (`chunk_position`).
@@ -56,11 +75,17 @@ inline Chunk16 load_chunk(const float* p) { return {_mm256_loadu_ps(p), _mm256_l
 inline Chunk16 load_chunk(const c10::BFloat16* p) {
   return kiln_native::load_bf16_chunk(reinterpret_cast<const uint16_t*>(p));
 }
+#if defined(KILN_FP8_SIMD)
+template <typename T, std::enable_if_t<kFp8<T>, int> = 0>
+inline Chunk16 load_chunk(const T* p) {
+  return kiln_native::load_fp8_chunk<kFp8Format<T>>(reinterpret_cast<const uint8_t*>(p));
+}
+#endif
 
-// Where dim d of a head's row sits in chunk order.
+// Where dim d of a head's row sits in chunk order (fp8 chunks keep bfloat16's order).
 template <typename T>
 inline int64_t chunk_position(int64_t d) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return kiln_native::bf16_chunk_position(d);
+  if constexpr (std::is_same_v<T, c10::BFloat16> || kFp8<T>) return kiln_native::bf16_chunk_position(d);
   return d;
 }
 
@@ -431,8 +456,8 @@ inline void softmax_rows(float* probs, int64_t n, int64_t h0, int64_t h1, float*
   }
 }
 
-template <typename T>
-void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+template <typename T, typename C>
+void decode_attention(const T* q, const C* k_cache, const C* v_cache, const int32_t* block_tables,
                       const int32_t* seq_lens, T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window,
                       bool pairs_layout) {
@@ -454,7 +479,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
       probs.resize(num_heads * n);
       std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
       // the K pass of the sequence this thread takes next, when it is a whole sequence
-      Pass<T> next_k_pass;
+      Pass<C> next_k_pass;
       if (parts == 1 && index + 1 < end) {
         const int64_t next_len = seq_lens[s + 1];
         const int64_t next_first = window > 0 ? std::max<int64_t>(0, next_len - window) : 0;
@@ -468,7 +493,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         // body(the kv head's tile as bfloat16 pairs, first query head, heads at once, the same tile
         // kAheadBlocks on to prefetch or null) per chunk of up to four heads of each kv head's
         // group; only a tile's first chunk prefetches
-        auto for_each_head_chunk = [&](const T* tiles, const T* ahead, auto&& body) {
+        auto for_each_head_chunk = [&](const C* tiles, const C* ahead, auto&& body) {
           for (int64_t kh = task.kv0; kh < task.kv1; ++kh)
             for (int64_t g0 = 0; g0 < group; g0 += kMaxHeadsAtOnce) {
               const char* tile_ahead = g0 == 0 && ahead != nullptr ? reinterpret_cast<const char*>(ahead + kh * tile)
@@ -478,9 +503,9 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
             }
         };
         // pass 1: every visible key's score, each K tile loaded once per (up to) four query heads
-        task.for_each_block(k_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+        task.for_each_block(k_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const C* tiles,
                                                                                       int64_t t0, int64_t t1,
-                                                                                      const T* ahead) {
+                                                                                      const C* ahead) {
           for_each_head_chunk(tiles, ahead, [&](const uint32_t* kt, int64_t h, int64_t nh, const char* tile_ahead) {
             const uint32_t* heads[kMaxHeadsAtOnce];
             for (int64_t i = 0; i < nh; ++i) heads[i] = q32 + (h + i) * pairs;
@@ -498,9 +523,9 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         }, task.pass(v_cache, table, block_size));  // the V pass's first tiles arrive during the last K ones
         softmax_rows(probs.data(), n, h0, h1, sums.data(), true);
         // pass 3: probabilities times V, each V tile loaded once per (up to) four query heads
-        task.for_each_block(v_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+        task.for_each_block(v_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const C* tiles,
                                                                                       int64_t t0, int64_t t1,
-                                                                                      const T* ahead) {
+                                                                                      const C* ahead) {
           for_each_head_chunk(tiles, ahead, [&](const uint32_t* vt, int64_t h, int64_t nh, const char* tile_ahead) {
             alignas(32) uint32_t weights[kMaxHeadsAtOnce][kPairBlock / 2];
             const __mmask16 keys = block_keys(t0, t1);  // keys outside t0..t1 weigh 0
@@ -516,20 +541,20 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
 #endif
       } else {
         for (int64_t h = h0; h < h1; ++h)
-          for (int64_t d = 0; d < D; ++d) qf[h * D + rows_position<T>(d, D)] = static_cast<float>(qs[h * D + d]) * scale;
-        const auto kv_tile = [&](const T* tiles, int64_t kh) { return tiles == nullptr ? nullptr : tiles + kh * tile; };
-        task.for_each_block(k_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+          for (int64_t d = 0; d < D; ++d) qf[h * D + rows_position<C>(d, D)] = static_cast<float>(qs[h * D + d]) * scale;
+        const auto kv_tile = [&](const C* tiles, int64_t kh) { return tiles == nullptr ? nullptr : tiles + kh * tile; };
+        task.for_each_block(k_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const C* tiles,
                                                                                      int64_t t0, int64_t t1,
-                                                                                     const T* ahead) {
+                                                                                     const C* ahead) {
           for (int64_t kh = task.kv0; kh < task.kv1; ++kh)
             group_scores_of_tile(qf.data() + kh * group * D, tiles + kh * tile,
                                  probs.data() + kh * group * n + b * block_size - task.first, n, group, t0, t1, D,
                                  TilePrefetch(kv_tile(ahead, kh), tile));
         }, task.pass(v_cache, table, block_size));  // the V pass's first tiles arrive during the last K ones
         softmax_rows(probs.data(), n, h0, h1, sums.data(), false);
-        task.for_each_block(v_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const T* tiles,
+        task.for_each_block(v_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const C* tiles,
                                                                                      int64_t t0, int64_t t1,
-                                                                                     const T* ahead) {
+                                                                                     const C* ahead) {
           for (int64_t kh = task.kv0; kh < task.kv1; ++kh)
             group_accumulate_tile(probs.data() + kh * group * n + b * block_size - task.first, n, tiles + kh * tile,
                                   acc.data() + kh * group * D, group, t0, t1, D, block_size,
@@ -539,7 +564,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
       T* os = out + s * num_heads * D;
       for (int64_t h = h0; h < h1; ++h)
         for (int64_t d = 0; d < D; ++d)
-          os[h * D + d] = static_cast<T>(acc[h * D + (pairs_layout ? d : rows_position<T>(d, D))] / sums[h]);
+          os[h * D + d] = static_cast<T>(acc[h * D + (pairs_layout ? d : rows_position<C>(d, D))] / sums[h]);
     }
   });
 }
@@ -554,8 +579,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   int64_t sliding_window, bool pairs_layout) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
-              "q and caches must share a dtype");
+  const bool fp8 = kiln_native::is_fp8(k_cache.scalar_type());
+  TORCH_CHECK((q.scalar_type() == k_cache.scalar_type() || fp8) && v_cache.scalar_type() == k_cache.scalar_type(),
+              "q and caches must share a dtype (or the caches hold fp8)");
+  TORCH_CHECK(!(fp8 && pairs_layout), "fp8 caches keep the rows layout");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   auto qc = q.contiguous();
@@ -570,10 +597,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                 head_dim % 32 == 0),
               "the pairs layout needs AVX512-BF16, bfloat16, 16-key blocks and head_dim a multiple of 32");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
-    decode_attention<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                               tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-                               num_seqs, num_heads, num_kv_heads, head_dim, block_size, tables.size(1),
-                               static_cast<float>(scale), sliding_window, pairs_layout);
+    auto run = [&](auto cache_type) {
+      using C = decltype(cache_type);
+      decode_attention<scalar_t, C>(qc.data_ptr<scalar_t>(), reinterpret_cast<const C*>(k_cache.data_ptr()),
+                                    reinterpret_cast<const C*>(v_cache.data_ptr()), tables.data_ptr<int32_t>(),
+                                    lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs, num_heads,
+                                    num_kv_heads, head_dim, block_size, tables.size(1), static_cast<float>(scale),
+                                    sliding_window, pairs_layout);
+    };
+    if (k_cache.scalar_type() == at::kFloat8_e4m3fn) run(c10::Float8_e4m3fn{});
+    else if (k_cache.scalar_type() == at::kFloat8_e5m2) run(c10::Float8_e5m2{});
+    else run(scalar_t{});
   });
   return out;
 }

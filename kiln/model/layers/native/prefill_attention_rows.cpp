@@ -1,5 +1,6 @@
-// Prefill attention over rows-layout caches (CPU, bfloat16, AVX2 and FMA): the counterpart of
-// prefill_attention.cpp for CPUs without AVX512-BF16, whose caches keep the rows layout.
+// Prefill attention over rows-layout caches (CPU, bfloat16 queries over bfloat16 or fp8 caches, AVX2
+// and FMA): the counterpart of prefill_attention.cpp for CPUs without AVX512-BF16, whose caches keep
+// the rows layout, and for fp8 caches everywhere (they widen through float16: simd_math.h).
 //
 // Before it, such CPUs ran torch's SDPA over gathered, padded tiles with an explicit mask, which
 // computes every (query, key) pair of the padded batch (0.44 s of a 4.8 s step of 8 x 256 prompt
@@ -22,6 +23,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,15 +40,33 @@
 namespace {
 
 bool rows_prefill_available() {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(KILN_FP8_SIMD)
   return true;
 #else
   return false;
 #endif
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(KILN_FP8_SIMD)
 using kiln_native::bf16_to_float;
+using kiln_native::Fp8;
+
+// What the kernel reads a cache tile's values through: bfloat16 bits, or fp8 values (whose format
+// picks the widening, simd_math.h). 8 values of a row widened in order, and 16 in chunk order.
+inline __m256 widen8(const uint16_t* p) { return kiln_native::load_bf16x8(p); }
+inline __m256 widen8(const c10::Float8_e4m3fn* p) {
+  return kiln_native::load_fp8x8<Fp8::e4m3>(reinterpret_cast<const uint8_t*>(p));
+}
+inline __m256 widen8(const c10::Float8_e5m2* p) {
+  return kiln_native::load_fp8x8<Fp8::e5m2>(reinterpret_cast<const uint8_t*>(p));
+}
+inline kiln_native::Chunk16 load_chunk(const uint16_t* p) { return kiln_native::load_bf16_chunk(p); }
+inline kiln_native::Chunk16 load_chunk(const c10::Float8_e4m3fn* p) {
+  return kiln_native::load_fp8_chunk<Fp8::e4m3>(reinterpret_cast<const uint8_t*>(p));
+}
+inline kiln_native::Chunk16 load_chunk(const c10::Float8_e5m2* p) {
+  return kiln_native::load_fp8_chunk<Fp8::e5m2>(reinterpret_cast<const uint8_t*>(p));
+}
 
 constexpr int64_t kKeys = 16;       // keys per cache block
 constexpr int64_t kSpanBlocks = 4;  // blocks per step of the running softmax (see TaskRows)
@@ -63,17 +84,15 @@ inline float rounded_bf16(float f) {
   return f;
 }
 
-// kt [D][16] float32 = the bfloat16 K tile [16][D] transposed, 8 keys x 8 dims at a time in
+// kt [D][16] float32 = the K tile [16][D] widened and transposed, 8 keys x 8 dims at a time in
 // registers (widen, 24 shuffles, 8 stores): element by element, the transposes took a third of
 // the kernel's time.
-inline void transpose_tile(const uint16_t* k, int64_t D, float* kt) {
+template <typename C>
+inline void transpose_tile(const C* k, int64_t D, float* kt) {
   for (int64_t t0 = 0; t0 < kKeys; t0 += 8) {
     for (int64_t d0 = 0; d0 < D; d0 += 8) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + (t0 + i) * D + d0));
-        r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-      }
+      for (int i = 0; i < 8; ++i) r[i] = widen8(k + (t0 + i) * D + d0);
       __m256 u[8], v[8];
       for (int i = 0; i < 8; i += 2) {
         u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -116,9 +135,9 @@ inline void tile_scores(const float* q, int64_t D, const float* kt, int64_t grou
 }
 
 // acc_r (chunk order) += sum over span keys [t0, t1) of p[r][t] * v_t for rows [0, R); key t is row
-// t % 16 of the bfloat16 V tile vt[t / 16] ([16][D]).
-template <int R>
-inline void tile_accumulate(const float (*p)[kSpan], const uint16_t* const* vt, float* acc, int64_t D, int64_t t0,
+// t % 16 of the V tile vt[t / 16] ([16][D]).
+template <int R, typename C>
+inline void tile_accumulate(const float (*p)[kSpan], const C* const* vt, float* acc, int64_t D, int64_t t0,
                             int64_t t1) {
   for (int64_t d = 0; d < D; d += 16) {
     __m256 a[R][2];
@@ -128,9 +147,9 @@ inline void tile_accumulate(const float (*p)[kSpan], const uint16_t* const* vt, 
     }
     for (int64_t g = t0 / kKeys; g * kKeys < t1; ++g) {
       const int64_t g0 = g * kKeys, lo = std::max(t0, g0), hi = std::min(t1, g0 + kKeys);
-      const uint16_t* v = vt[g] + d - g0 * D;
+      const C* v = vt[g] + d - g0 * D;
       for (int64_t t = lo; t < hi; ++t) {
-        const kiln_native::Chunk16 c = kiln_native::load_bf16_chunk(v + t * D);
+        const kiln_native::Chunk16 c = load_chunk(v + t * D);
         for (int r = 0; r < R; ++r) {
           const __m256 pt = _mm256_broadcast_ss(p[r] + t);
           a[r][0] = _mm256_fmadd_ps(pt, c.a, a[r][0]);
@@ -172,7 +191,8 @@ struct TaskRows {
   float (*scores())[kSpan] { return reinterpret_cast<float(*)[kSpan]>(score_rows.data()); }
 };
 
-void prefill_attention_rows(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+template <typename C>
+void prefill_attention_rows(const uint16_t* q, const C* k_cache, const C* v_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_starts,
                             uint16_t* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t D,
                             int64_t max_blocks, float scale, int64_t window, int64_t q_row_stride) {
@@ -199,7 +219,7 @@ void prefill_attention_rows(const uint16_t* q, const uint16_t* k_cache, const ui
     std::fill(st.sum.begin(), st.sum.begin() + rows, 0.f);
     for (int64_t b0 = first_key / kKeys; b0 <= last_key / kKeys; b0 += kSpanBlocks) {
       const int64_t blocks = std::min(kSpanBlocks, last_key / kKeys + 1 - b0), key0 = b0 * kKeys;
-      const uint16_t* vt[kSpanBlocks];
+      const C* vt[kSpanBlocks];
       for (int64_t g = 0; g < blocks; ++g) {
         transpose_tile(k_cache + table[b0 + g] * block + kh * tile, D, st.kt.data() + g * D * kKeys);
         vt[g] = v_cache + table[b0 + g] * block + kh * tile;
@@ -269,16 +289,22 @@ namespace kiln_native {
 at::Tensor paged_prefill_attention_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                         const at::Tensor& query_starts, double scale, int64_t sliding_window) {
-  TORCH_CHECK(rows_prefill_available(), "paged_prefill_attention_rows needs AVX2 and FMA");
+  TORCH_CHECK(rows_prefill_available(), "paged_prefill_attention_rows needs AVX2, FMA and F16C");
   const kiln_native::PrefillInputs in =
-      kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 16);
+      kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 16, true);
   auto out = in.new_output();
-#if defined(__AVX2__) && defined(__FMA__)
-  auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-  prefill_attention_rows(u16(in.q), u16(k_cache), u16(v_cache), in.block_tables.data_ptr<int32_t>(),
-      in.seq_lens.data_ptr<int32_t>(), in.query_starts.data_ptr<int32_t>(),
-      reinterpret_cast<uint16_t*>(out.data_ptr()), in.num_seqs, in.num_heads, in.num_kv_heads, in.head_dim,
-      in.max_blocks, static_cast<float>(scale), sliding_window, in.q_row_stride);
+#if defined(KILN_FP8_SIMD)
+  auto run = [&](auto cache_type) {
+    using C = decltype(cache_type);
+    prefill_attention_rows(reinterpret_cast<const uint16_t*>(in.q.data_ptr()),
+        reinterpret_cast<const C*>(k_cache.data_ptr()), reinterpret_cast<const C*>(v_cache.data_ptr()),
+        in.block_tables.data_ptr<int32_t>(), in.seq_lens.data_ptr<int32_t>(), in.query_starts.data_ptr<int32_t>(),
+        reinterpret_cast<uint16_t*>(out.data_ptr()), in.num_seqs, in.num_heads, in.num_kv_heads, in.head_dim,
+        in.max_blocks, static_cast<float>(scale), sliding_window, in.q_row_stride);
+  };
+  if (k_cache.scalar_type() == at::kFloat8_e4m3fn) run(c10::Float8_e4m3fn{});
+  else if (k_cache.scalar_type() == at::kFloat8_e5m2) run(c10::Float8_e5m2{});
+  else run(uint16_t{});
 #endif
   return out;
 }

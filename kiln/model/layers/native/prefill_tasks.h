@@ -13,8 +13,8 @@
 
 namespace kiln_native {
 
-// Both kernels' inputs as they read them: checked (head_dim a multiple of `dim_multiple`), the
-// query and tables contiguous, and the geometry.
+// Both kernels' inputs as they read them: checked (head_dim a multiple of `dim_multiple`; caches
+// bfloat16, or fp8 where `fp8_caches`), the query and tables contiguous, and the geometry.
 struct PrefillInputs {
   at::Tensor q, block_tables, seq_lens, query_starts;
   int64_t num_seqs, num_heads, num_kv_heads, head_dim, max_blocks;
@@ -26,10 +26,13 @@ struct PrefillInputs {
 
 inline PrefillInputs prefill_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                    const at::Tensor& query_starts, int64_t dim_multiple) {
+                                    const at::Tensor& query_starts, int64_t dim_multiple, bool fp8_caches = false) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-                  v_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
+  const at::ScalarType cache = k_cache.scalar_type();
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == cache &&
+                  (cache == at::kBFloat16 ||
+                   (fp8_caches && (cache == at::kFloat8_e4m3fn || cache == at::kFloat8_e5m2))),
+              fp8_caches ? "bfloat16 queries over bfloat16 or fp8 caches only" : "bfloat16 only");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   query_starts.scalar_type() == at::kInt, "int32 tables");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");

@@ -122,6 +122,45 @@ inline __m128i silu_times_up8(__m256 gate, __m256 up) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KILN_FP8_SIMD 1
+// fp8 KV cache values (kv_layout.py) widen through float16, which the CPU converts (F16C): e5m2 is
+// the top byte of a float16, and e4m3fn's 7 magnitude bits, put one bit lower under the sign, are
+// a float16 of 1/256 the value, normal and subnormal alike, rescaled by one exact multiply. (The
+// e4m3fn NaN, 0x7f, would widen to 480; the cache write saturates, so only a NaN input makes one.)
+enum class Fp8 { e4m3, e5m2 };
+
+// 16-bit lanes holding an fp8 value in their high byte, low byte zero -> float16 bits
+template <Fp8 F>
+inline __m128i fp8_half_bits(__m128i x) {
+  if constexpr (F == Fp8::e5m2) return x;
+  return _mm_and_si128(_mm_srai_epi16(x, 1), _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
+}
+
+template <Fp8 F>
+inline __m256 fp8_rescale(__m256 x) {
+  if constexpr (F == Fp8::e5m2) return x;
+  return _mm256_mul_ps(x, _mm256_set1_ps(256.f));
+}
+
+// 16 fp8 values as a Chunk16 in bfloat16's chunk order (even dims, odd dims): one 16-byte load
+// whose 16-bit lanes each hold a pair of dims, the even one in the low byte.
+template <Fp8 F>
+inline Chunk16 load_fp8_chunk(const uint8_t* p) {
+  const __m128i pairs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i even = fp8_half_bits<F>(_mm_slli_epi16(pairs, 8));
+  const __m128i odd = fp8_half_bits<F>(_mm_and_si128(pairs, _mm_set1_epi16(static_cast<int16_t>(0xFF00))));
+  return {fp8_rescale<F>(_mm256_cvtph_ps(even)), fp8_rescale<F>(_mm256_cvtph_ps(odd))};
+}
+
+// 8 fp8 values widened to float32 lanes in their order
+template <Fp8 F>
+inline __m256 load_fp8x8(const uint8_t* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return fp8_rescale<F>(_mm256_cvtph_ps(fp8_half_bits<F>(_mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8))));
+}
+#endif
+
 #if defined(__AVX512F__)
 // fast_exp on 16 lanes, with the rounding step as round-to-nearest and the 2^n scaling by scalef
 inline __m512 exp16(__m512 x) {
@@ -145,6 +184,18 @@ inline __m512 exp16(__m512 x) {
 inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+
+#if defined(KILN_FP8_SIMD)
+// 16 fp8 values widened to float32 lanes in their order (see load_fp8_chunk)
+template <Fp8 F>
+inline __m512 load_fp8x16(const uint8_t* p) {
+  const __m256i high = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 8);
+  const __m256i half = F == Fp8::e5m2 ? high
+      : _mm256_and_si256(_mm256_srai_epi16(high, 1), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  const __m512 x = _mm512_cvtph_ps(half);
+  return F == Fp8::e5m2 ? x : _mm512_mul_ps(x, _mm512_set1_ps(256.f));
+}
+#endif
 
 // float32 lanes -> bfloat16 bits, float_to_bf16's rounding (nearest even, NaN kept a quiet NaN)
 inline __m256i to_bf16x16(__m512 x) {
