@@ -1,15 +1,18 @@
 """The native CPU attention kernels on SmolLM2-135M's shapes, over caches allocated as the server does.
 
     python benchmarks/attention_kernels.py [--seqs 64] [--keys 320] [--reps 12]
+                                           [--cache-dtypes bfloat16 fp8 fp8_e5m2]
 
 Decode: one step of 30 layers, --seqs sequences of --keys keys each, with three block orders:
 scattered (a random permutation of the cache, as a long-running server's block tables look),
 consecutive (each sequence's blocks side by side) and resident (every sequence reads the same
 blocks, so the cache stays in L2: the arithmetic alone). Prefill: 8 prompts of 256 tokens over 30
-layers, as one 2048-token chunk. The caches are bfloat16 in the pairs layout (kv_layout.py),
-huge-page backed (worker/cpu_kv_memory.py) and filled before timing. Prints the median over
---reps runs; this machine's speed drifts by tens of per cent within minutes, so compare variants
-interleaved in one process, not runs of this script taken apart.
+layers, as one 2048-token chunk. Per cache dtype (`--kv-cache-dtype`'s values; bfloat16 is what
+auto gives a bfloat16 model): bfloat16 caches take the pairs layout where the AVX512-BF16 kernels
+run and the rows layout elsewhere, fp8 caches the rows layout (kv_layout.py). Caches are huge-page
+backed (worker/cpu_kv_memory.py) and filled before timing. The dtypes are timed in turn within
+each repetition (this machine's speed drifts by tens of per cent within minutes, so compare
+variants interleaved in one process, not runs of this script taken apart); prints the medians.
 """
 
 from __future__ import annotations
@@ -17,33 +20,40 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
-from kiln.model.layers import native
+from kiln.config import FP8_KV_CACHE_DTYPES
+from kiln.model.layers import kv_layout, native
+from kiln.model.layers.attention import prefill_kernel
 from kiln.worker.cpu_kv_memory import CpuKVMemory
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
+PROMPTS, PROMPT_LEN = 8, 256
 
 
-def filled_caches(memory: CpuKVMemory, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def filled_caches(memory: CpuKVMemory, num_blocks: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     caches = []
     for _ in range(LAYERS):
-        pair = tuple(memory.zeros((num_blocks, KV_HEADS, BLOCK, HEAD_DIM), torch.bfloat16) for _ in range(2))
+        pair = tuple(memory.zeros((num_blocks, KV_HEADS, BLOCK, HEAD_DIM), dtype) for _ in range(2))
         for cache in pair:
-            cache.copy_(torch.randn(cache.shape))
+            cache.copy_(kv_layout.to_cache_dtype(torch.randn(cache.shape), dtype))
         caches.append(pair)
     return caches
 
 
-def median_ms(run, reps: int) -> float:
-    run()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def interleaved_medians(runs: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    """Each run once to warm up, then `reps` rounds of all runs in turn; median ms per run."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name, run in runs.items():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    for _ in range(reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -51,43 +61,54 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--keys", type=int, default=320)
     parser.add_argument("--reps", type=int, default=12)
+    parser.add_argument("--cache-dtypes", nargs="+", default=["bfloat16", "fp8", "fp8_e5m2"])
     args = parser.parse_args()
-    decode, prefill = native.paged_decode_attention(), native.paged_prefill_attention()
-    if decode is None or prefill is None or not native.pairs_layout_available():
-        raise SystemExit("the native AVX512-BF16 kernels do not run on this machine")
+    decode = native.paged_decode_attention()
+    if decode is None:
+        raise SystemExit("the native kernels do not run on this machine")
     torch.manual_seed(0)
     memory = CpuKVMemory()
     blocks_per_seq = -(-args.keys // BLOCK)
-    caches = filled_caches(memory, args.seqs * blocks_per_seq)
+    num = max(args.seqs * blocks_per_seq, PROMPTS * PROMPT_LEN // BLOCK)
     scale = HEAD_DIM**-0.5
     q = torch.randn(args.seqs, HEADS, HEAD_DIM, dtype=torch.bfloat16)
     lens = torch.full((args.seqs,), args.keys, dtype=torch.int32)
-    num = args.seqs * blocks_per_seq
+    used = args.seqs * blocks_per_seq
     tables = {
-        "scattered": torch.randperm(num).to(torch.int32).view(args.seqs, blocks_per_seq),
-        "consecutive": torch.arange(num, dtype=torch.int32).view(args.seqs, blocks_per_seq),
+        "scattered": torch.randperm(used).to(torch.int32).view(args.seqs, blocks_per_seq),
+        "consecutive": torch.arange(used, dtype=torch.int32).view(args.seqs, blocks_per_seq),
         "resident": torch.arange(blocks_per_seq, dtype=torch.int32).repeat(args.seqs, 1),
     }
-    print(f"decode attention, {LAYERS} layers x {args.seqs} sequences x {args.keys} keys:")
-    for name, table in tables.items():
-        def step(table: torch.Tensor = table) -> None:
-            for k_cache, v_cache in caches:
-                decode(q, k_cache, v_cache, table, lens, scale, 0, True)
-        print(f"  {name:<12}{median_ms(step, args.reps):8.2f} ms")
+    prefill_table = torch.randperm(PROMPTS * PROMPT_LEN // BLOCK).to(torch.int32).view(PROMPTS, -1)
+    prefill_q = torch.randn(PROMPTS * PROMPT_LEN, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    prefill_lens = torch.full((PROMPTS,), PROMPT_LEN, dtype=torch.int32)
+    starts = torch.arange(0, PROMPTS * PROMPT_LEN + 1, PROMPT_LEN, dtype=torch.int32)
 
-    prompts, prompt_len = 8, 256
-    prefill_blocks = prompts * prompt_len // BLOCK
-    prefill_caches = caches if len(caches[0][0]) >= prefill_blocks else filled_caches(memory, prefill_blocks)
-    prefill_table = torch.randperm(prefill_blocks).to(torch.int32).view(prompts, -1)
-    prefill_q = torch.randn(prompts * prompt_len, HEADS, HEAD_DIM, dtype=torch.bfloat16)
-    prefill_lens = torch.full((prompts,), prompt_len, dtype=torch.int32)
-    starts = torch.arange(0, prompts * prompt_len + 1, prompt_len, dtype=torch.int32)
-
-    def chunk() -> None:
-        for k_cache, v_cache in prefill_caches:
-            prefill(prefill_q, k_cache, v_cache, prefill_table, prefill_lens, starts, scale, 0)
-    print(f"prefill attention, {LAYERS} layers x {prompts} prompts x {prompt_len} tokens: "
-          f"{median_ms(chunk, args.reps):.1f} ms")
+    decode_runs: dict[str, dict[str, Callable[[], None]]] = {order: {} for order in tables}
+    prefill_runs: dict[str, Callable[[], None]] = {}
+    for name in args.cache_dtypes:
+        dtype = torch.bfloat16 if name == "bfloat16" else getattr(torch, FP8_KV_CACHE_DTYPES[name])
+        caches = filled_caches(memory, num, dtype)
+        pairs = kv_layout.uses_pairs_layout(caches[0][0])
+        label = f"{name} ({'pairs' if pairs else 'rows'})"
+        for order, table in tables.items():
+            def step(table: torch.Tensor = table, caches=caches, pairs: bool = pairs) -> None:
+                for k_cache, v_cache in caches:
+                    decode(q, k_cache, v_cache, table, lens, scale, 0, pairs)
+            decode_runs[order][label] = step
+        prefill = prefill_kernel(caches[0][0], pairs, torch.bfloat16)
+        if prefill is not None:
+            def chunk(caches=caches, prefill=prefill) -> None:
+                for k_cache, v_cache in caches:
+                    prefill(prefill_q, k_cache, v_cache, prefill_table, prefill_lens, starts, scale, 0)
+            prefill_runs[label] = chunk
+    print(f"decode attention, {LAYERS} layers x {args.seqs} sequences x {args.keys} keys (ms):")
+    for order, runs in decode_runs.items():
+        medians = interleaved_medians(runs, args.reps)
+        print(f"  {order:<12}" + "  ".join(f"{label} {ms:7.2f}" for label, ms in medians.items()))
+    medians = interleaved_medians(prefill_runs, args.reps)
+    print(f"prefill attention, {LAYERS} layers x {PROMPTS} prompts x {PROMPT_LEN} tokens (ms): "
+          + "  ".join(f"{label} {ms:.1f}" for label, ms in medians.items()))
 
 
 if __name__ == "__main__":

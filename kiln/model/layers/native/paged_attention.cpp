@@ -9,7 +9,8 @@
 // Two tile layouts (see kv_layout.py):
 // - rows, any dtype and block size: a tile is [block_size][D]; float32 arithmetic on widened values
 //   (on AVX2, bfloat16 and fp8 rows widen 16 dims at a time, even and odd dims apart: see Chunk16).
-//   fp8 caches (e4m3fn, e5m2) hold K/V for queries of any float dtype; their values widen exactly.
+//   fp8 caches (e4m3fn, e5m2) hold K/V for queries of any float dtype; their values widen exactly
+//   (e4m3fn's to 1/256 of themselves, the factor put back on the query and the output).
 // - pairs, bfloat16 16-key blocks with D a multiple of 32 (AVX512-BF16): a K tile is [D/2][16][2],
 //   so the 16 scores of a tile accumulate in the lanes of D/2 vdpbf16ps with no horizontal sums,
 //   and a V tile is [8][D][2], two keys per vdpbf16ps weighted by one pair of probabilities. Up to
@@ -150,7 +151,7 @@ inline void scores_of_tile(const float* q, const T* k, float* scores, int64_t t0
 #endif
   for (int64_t t = t0; t < t1; ++t) {
     float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[t * D + d]);
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * kiln_native::raw_value(k[t * D + d]);
     scores[t] = dot;
   }
 }
@@ -171,7 +172,7 @@ inline void accumulate_tile(const float* p, const T* v, float* acc, int64_t t0, 
   }
 #endif
   for (int64_t t = t0; t < t1; ++t)
-    for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * static_cast<float>(v[t * D + d]);
+    for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * kiln_native::raw_value(v[t * D + d]);
 }
 
 // f(NH as a compile-time constant) for 1 <= nh <= 4 heads handled at once
@@ -464,6 +465,8 @@ void decode_attention(const T* q, const C* k_cache, const C* v_cache, const int3
   const int64_t group = num_heads / num_kv_heads;
   const int64_t D = head_dim;
   const int64_t tile = block_size * D, block = num_kv_heads * tile;
+  // the caches are read as raw values (simd_math.h): their factor goes on the query and the output
+  const float k_scale = scale * kiln_native::kRawScale<C>, v_scale = kiln_native::kRawScale<C>;
   // With fewer sequences than threads, one task per (sequence, kv head) keeps every thread busy.
   const int64_t parts = num_seqs >= at::get_num_threads() ? 1 : num_kv_heads;
   const int64_t kv_per_task = num_kv_heads / parts;
@@ -541,7 +544,7 @@ void decode_attention(const T* q, const C* k_cache, const C* v_cache, const int3
 #endif
       } else {
         for (int64_t h = h0; h < h1; ++h)
-          for (int64_t d = 0; d < D; ++d) qf[h * D + rows_position<C>(d, D)] = static_cast<float>(qs[h * D + d]) * scale;
+          for (int64_t d = 0; d < D; ++d) qf[h * D + rows_position<C>(d, D)] = static_cast<float>(qs[h * D + d]) * k_scale;
         const auto kv_tile = [&](const C* tiles, int64_t kh) { return tiles == nullptr ? nullptr : tiles + kh * tile; };
         task.for_each_block(k_cache, table, block_size, block, kAheadBlocks, [&](int64_t b, const C* tiles,
                                                                                      int64_t t0, int64_t t1,
@@ -564,7 +567,7 @@ void decode_attention(const T* q, const C* k_cache, const C* v_cache, const int3
       T* os = out + s * num_heads * D;
       for (int64_t h = h0; h < h1; ++h)
         for (int64_t d = 0; d < D; ++d)
-          os[h * D + d] = static_cast<T>(acc[h * D + (pairs_layout ? d : rows_position<C>(d, D))] / sums[h]);
+          os[h * D + d] = static_cast<T>(acc[h * D + (pairs_layout ? d : rows_position<C>(d, D))] * v_scale / sums[h]);
     }
   });
 }

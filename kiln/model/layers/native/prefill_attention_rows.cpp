@@ -198,6 +198,7 @@ void prefill_attention_rows(const uint16_t* q, const C* k_cache, const C* v_cach
                             int64_t max_blocks, float scale, int64_t window, int64_t q_row_stride) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t tile = kKeys * D, block = num_kv_heads * tile;
+  const float k_scale = scale * kiln_native::kRawScale<C>;  // fp8 tiles widen raw (simd_math.h)
   const auto make_state = [&] { return TaskRows(kPositions * group, D); };
   kiln_native::for_each_prefill_task(query_starts, num_seqs, num_kv_heads, kPositions, make_state,
                                      [&](TaskRows& st, int64_t s, int64_t i0, int64_t positions, int64_t kh) {
@@ -212,7 +213,7 @@ void prefill_attention_rows(const uint16_t* q, const C* k_cache, const C* v_cach
     auto out_row = [&](int64_t r) { return ((query_starts[s] + i0 + r / group) * num_heads + kh * group + r % group) * D; };
     for (int64_t r = 0; r < rows; ++r) {
       const uint16_t* src = q + q_row(r);
-      for (int64_t d = 0; d < D; ++d) st.q[r * D + d] = bf16_to_float(src[d]) * scale;
+      for (int64_t d = 0; d < D; ++d) st.q[r * D + d] = bf16_to_float(src[d]) * k_scale;
     }
     std::fill(st.acc.begin(), st.acc.begin() + rows * D, 0.f);
     std::fill(st.max.begin(), st.max.begin() + rows, -std::numeric_limits<float>::infinity());
@@ -267,7 +268,7 @@ void prefill_attention_rows(const uint16_t* q, const C* k_cache, const C* v_cach
     }
     for (int64_t r = 0; r < rows; ++r) {
       uint16_t* o = out + out_row(r);
-      const __m256 inv = _mm256_set1_ps(1.f / st.sum[r]);
+      const __m256 inv = _mm256_set1_ps(kiln_native::kRawScale<C> / st.sum[r]);
       for (int64_t d = 0; d < D; d += 16) {  // chunk order (even dims, odd dims) back to natural
         const __m256 even = _mm256_mul_ps(_mm256_loadu_ps(st.acc.data() + r * D + d), inv);
         const __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(st.acc.data() + r * D + d + 8), inv);

@@ -2,6 +2,8 @@
 // no branches): bfloat16 <-> float32 and a float32 exp.
 #pragma once
 
+#include <c10/util/Float8_e4m3fn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -126,40 +128,49 @@ inline __m128i silu_times_up8(__m256 gate, __m256 up) {
 #define KILN_FP8_SIMD 1
 // fp8 KV cache values (kv_layout.py) widen through float16, which the CPU converts (F16C): e5m2 is
 // the top byte of a float16, and e4m3fn's 7 magnitude bits, put one bit lower under the sign, are
-// a float16 of 1/256 the value, normal and subnormal alike, rescaled by one exact multiply. (The
-// e4m3fn NaN, 0x7f, would widen to 480; the cache write saturates, so only a NaN input makes one.)
+// a float16 of 1/256 the value, normal and subnormal alike. The loaders below return these *raw*
+// values, value / kFp8RawScale (exactly: a power of two); the kernels put the factor on the
+// query and the output instead of a multiply per loaded vector. (The e4m3fn NaN, 0x7f, would
+// widen to 480; the cache write saturates, so only a NaN input makes one.)
 enum class Fp8 { e4m3, e5m2 };
 
-// 16-bit lanes holding an fp8 value in their high byte, low byte zero -> float16 bits
+// 16-bit lanes holding an fp8 value in their high byte (the low byte `low_mask` clears) -> float16 bits
 template <Fp8 F>
-inline __m128i fp8_half_bits(__m128i x) {
-  if constexpr (F == Fp8::e5m2) return x;
-  return _mm_and_si128(_mm_srai_epi16(x, 1), _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
+inline __m128i fp8_half_bits(__m128i x, int16_t low_mask) {
+  if constexpr (F == Fp8::e5m2) return _mm_and_si128(x, _mm_set1_epi16(low_mask));
+  return _mm_and_si128(_mm_srai_epi16(x, 1), _mm_set1_epi16(static_cast<int16_t>(low_mask & 0xBFFF)));
 }
 
-template <Fp8 F>
-inline __m256 fp8_rescale(__m256 x) {
-  if constexpr (F == Fp8::e5m2) return x;
-  return _mm256_mul_ps(x, _mm256_set1_ps(256.f));
-}
-
-// 16 fp8 values as a Chunk16 in bfloat16's chunk order (even dims, odd dims): one 16-byte load
-// whose 16-bit lanes each hold a pair of dims, the even one in the low byte.
+// 16 fp8 values as a Chunk16 in bfloat16's chunk order (even dims, odd dims), raw: one 16-byte
+// load whose 16-bit lanes each hold a pair of dims, the even one in the low byte.
 template <Fp8 F>
 inline Chunk16 load_fp8_chunk(const uint8_t* p) {
   const __m128i pairs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i even = fp8_half_bits<F>(_mm_slli_epi16(pairs, 8));
-  const __m128i odd = fp8_half_bits<F>(_mm_and_si128(pairs, _mm_set1_epi16(static_cast<int16_t>(0xFF00))));
-  return {fp8_rescale<F>(_mm256_cvtph_ps(even)), fp8_rescale<F>(_mm256_cvtph_ps(odd))};
+  const __m128i even = F == Fp8::e5m2 ? _mm_slli_epi16(pairs, 8) : fp8_half_bits<F>(_mm_slli_epi16(pairs, 8), -1);
+  // e4m3: the odd byte shifted under its sign drags the even byte's top bits into bits 6..0: cleared
+  const __m128i odd = fp8_half_bits<F>(pairs, static_cast<int16_t>(F == Fp8::e5m2 ? 0xFF00 : 0xFF80));
+  return {_mm256_cvtph_ps(even), _mm256_cvtph_ps(odd)};
 }
 
-// 8 fp8 values widened to float32 lanes in their order
+// 8 fp8 values widened to float32 lanes in their order, raw
 template <Fp8 F>
 inline __m256 load_fp8x8(const uint8_t* p) {
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return fp8_rescale<F>(_mm256_cvtph_ps(fp8_half_bits<F>(_mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8))));
+  const __m128i high = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 8);
+  return _mm256_cvtph_ps(F == Fp8::e5m2 ? high : fp8_half_bits<F>(high, -1));
 }
 #endif
+
+// What an fp8 loader's raw values are short of (see above); 1 for every other type.
+template <typename T>
+constexpr float kRawScale = 1.f;
+template <>
+constexpr float kRawScale<c10::Float8_e4m3fn> = 256.f;
+
+// One cache value as the vector loaders read it (raw), for the scalar loops beside them.
+template <typename T>
+inline float raw_value(T x) {
+  return static_cast<float>(x) * (1.f / kRawScale<T>);
+}
 
 #if defined(__AVX512F__)
 // fast_exp on 16 lanes, with the rounding step as round-to-nearest and the 2^n scaling by scalef
@@ -186,14 +197,12 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 }
 
 #if defined(KILN_FP8_SIMD)
-// 16 fp8 values widened to float32 lanes in their order (see load_fp8_chunk)
+// 16 fp8 values widened to float32 lanes in their order, raw (see load_fp8_chunk)
 template <Fp8 F>
 inline __m512 load_fp8x16(const uint8_t* p) {
   const __m256i high = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 8);
-  const __m256i half = F == Fp8::e5m2 ? high
-      : _mm256_and_si256(_mm256_srai_epi16(high, 1), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
-  const __m512 x = _mm512_cvtph_ps(half);
-  return F == Fp8::e5m2 ? x : _mm512_mul_ps(x, _mm512_set1_ps(256.f));
+  return _mm512_cvtph_ps(F == Fp8::e5m2 ? high
+      : _mm256_and_si256(_mm256_srai_epi16(high, 1), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF))));
 }
 #endif
 
