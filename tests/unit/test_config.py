@@ -46,6 +46,18 @@ def test_dtype_auto_keeps_bf16_checkpoint_and_honours_explicit(tmp_path):
         EngineArgs(model=path, device="cpu", dtype="int8").create_engine_config()
 
 
+def test_kv_cache_dtype_names_map_to_fp8_formats_and_others_are_refused_by_name(tmp_path):
+    import torch
+
+    path = _tiny_config_dir(tmp_path)
+    for name, dtype in [("auto", torch.bfloat16), ("fp8", torch.float8_e4m3fn), ("fp8_e4m3", torch.float8_e4m3fn),
+                        ("fp8_e5m2", torch.float8_e5m2)]:
+        cache = EngineArgs(model=path, device="cpu", kv_cache_dtype=name).create_engine_config().cache_config
+        assert cache.kv_torch_dtype(torch.bfloat16) == dtype
+    with pytest.raises(UnsupportedFeatureError, match="--kv-cache-dtype fp8_inc"):
+        EngineArgs(model=path, device="cpu", kv_cache_dtype="fp8_inc").create_engine_config()
+
+
 def test_unknown_architecture_names_it_and_the_supported_ones(tmp_path):
     path = _tiny_config_dir(tmp_path, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(UnsupportedFeatureError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
