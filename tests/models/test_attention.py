@@ -197,6 +197,30 @@ def test_native_fp8_cache_write_matches_the_torch_cast(cache_dtype, dtype):
             assert torch.equal(stored[slot // block, :, slot % block], expected)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_native_fp8_write_rounds_every_boundary_as_torch(cache_dtype):
+    """The native write narrows 8 values at a time with its own integer steps: every fp8 value, the
+    midpoints between neighbours (ties to even) and the float32 values either side of each, both
+    signs, the subnormal range, and a million random float32 bit patterns land as torch casts them."""
+    writer = native.write_kv_cache()
+    if writer is None:
+        pytest.skip("the native kernels could not be built here")
+    codes = torch.arange(256, dtype=torch.uint8).view(cache_dtype).float()
+    grid = codes[torch.isfinite(codes)].unique()  # sorted, both signs
+    mids = (grid[1:] + grid[:-1]) / 2  # exact in float32
+    near = torch.cat([grid, mids, torch.nextafter(mids, torch.tensor(float("inf"))),
+                      torch.nextafter(mids, torch.tensor(-float("inf")))])
+    bits = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    values = torch.cat([near, bits.to(torch.int32).view(torch.float32)])
+    values = values[: len(values) // 64 * 64].view(-1, 64)  # tokens x (2 kv heads x 32 dims)
+    tokens = values.shape[0]
+    shape = (-(-tokens // 16), 2, 16, 32)
+    k_cache, v_cache = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
+    writer(values, values, k_cache, v_cache, torch.arange(tokens), False)
+    stored = k_cache.view(torch.uint8).permute(0, 2, 1, 3).reshape(-1, 64)[:tokens]
+    assert torch.equal(stored, kv_layout.to_cache_dtype(values, cache_dtype).view(torch.uint8))
+
+
 @pytest.mark.parametrize("window", [None, 50])
 def test_long_prefill_chunks_match_direct_computation(window, decode_path, make_attn_metadata):
     """Prompts over many blocks, chunked (the second chunk starts mid-block, after a context): the

@@ -1,5 +1,6 @@
 // Scalar helpers written so that the compiler vectorizes the loops that call them (no libm calls,
-// no branches): bfloat16 <-> float32 and a float32 exp.
+// no branches): bfloat16 <-> float32 and a float32 exp; and the vector widening and narrowing of
+// fp8 KV cache values.
 #pragma once
 
 #include <c10/util/Float8_e4m3fn.h>
@@ -129,7 +130,7 @@ inline __m128i silu_times_up8(__m256 gate, __m256 up) {
 // fp8 KV cache values (kv_layout.py) widen through float16, which the CPU converts (F16C): e5m2 is
 // the top byte of a float16, and e4m3fn's 7 magnitude bits, put one bit lower under the sign, are
 // a float16 of 1/256 the value, normal and subnormal alike. The loaders below return these *raw*
-// values, value / kFp8RawScale (exactly: a power of two); the kernels put the factor on the
+// values, value / kRawScale (exactly: a power of two); the kernels put the factor on the
 // query and the output instead of a multiply per loaded vector. (The e4m3fn NaN, 0x7f, would
 // widen to 480; the cache write saturates, so only a NaN input makes one.)
 enum class Fp8 { e4m3, e5m2 };
@@ -157,6 +158,33 @@ template <Fp8 F>
 inline __m256 load_fp8x8(const uint8_t* p) {
   const __m128i high = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 8);
   return _mm256_cvtph_ps(F == Fp8::e5m2 ? high : fp8_half_bits<F>(high, -1));
+}
+
+// 8 float32 lanes, already within the format's finite range (or NaN), as fp8 bytes in the low 8
+// bytes: c10's own conversion (torch/headeronly/util/Float8_*.h) lane by lane, so the bytes are
+// torch's. Below the smallest normal, a float add of a magic number rounds the subnormal to nearest
+// even; above it, adding a bias of half an ulp minus one (plus the kept bit's parity) rounds the
+// mantissa; NaN stays NaN (0x7f with its sign). Checked against c10 on every float32 bit pattern.
+template <Fp8 F>
+inline __m128i fp8_bytes8(__m256 x) {
+  constexpr int kShift = F == Fp8::e4m3 ? 20 : 21;  // float32 mantissa bits dropped
+  constexpr int32_t kBias = F == Fp8::e4m3 ? ((7 - 127) << 23) + 0x7FFFF : ((15 - 127) << 23) + 0xFFFFF;
+  constexpr int32_t kSmallestNormal = (F == Fp8::e4m3 ? 121 : 113) << 23;
+  constexpr int32_t kDenormMagic = (F == Fp8::e4m3 ? 141 : 134) << 23;
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i sign = _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int32_t>(0x80000000u)));
+  const __m256i magnitude = _mm256_xor_si256(bits, sign);
+  const __m256i magic = _mm256_set1_epi32(kDenormMagic);
+  const __m256i subnormal = _mm256_sub_epi32(
+      _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(magnitude), _mm256_castsi256_ps(magic))), magic);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(magnitude, kShift), _mm256_set1_epi32(1));
+  __m256i normal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(magnitude, _mm256_set1_epi32(kBias)), odd), kShift);
+  if constexpr (F == Fp8::e4m3) normal = _mm256_min_epu32(normal, _mm256_set1_epi32(0x7E));  // a carry into 0x7f
+  __m256i out = _mm256_blendv_epi8(normal, subnormal, _mm256_cmpgt_epi32(_mm256_set1_epi32(kSmallestNormal), magnitude));
+  out = _mm256_blendv_epi8(out, _mm256_set1_epi32(0x7F), _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F800000)));
+  out = _mm256_or_si256(out, _mm256_srli_epi32(sign, 24));
+  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1));
+  return _mm_packus_epi16(words, words);
 }
 #endif
 
