@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from kiln.config import FP8_KV_CACHE_DTYPES
+from kiln.config import CacheConfig
 from kiln.model.layers import kv_layout, native
 from kiln.model.layers.attention import prefill_kernel
 from kiln.worker.cpu_kv_memory import CpuKVMemory
@@ -87,7 +87,7 @@ def main() -> None:
     decode_runs: dict[str, dict[str, Callable[[], None]]] = {order: {} for order in tables}
     prefill_runs: dict[str, Callable[[], None]] = {}
     for name in args.cache_dtypes:
-        dtype = torch.bfloat16 if name == "bfloat16" else getattr(torch, FP8_KV_CACHE_DTYPES[name])
+        dtype = CacheConfig(cache_dtype="auto" if name == "bfloat16" else name).kv_torch_dtype(torch.bfloat16)
         caches = filled_caches(memory, num, dtype)
         pairs = kv_layout.uses_pairs_layout(caches[0][0])
         label = f"{name} ({'pairs' if pairs else 'rows'})"

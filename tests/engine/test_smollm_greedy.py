@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from kiln import SamplingParams
-from kiln.config import FP8_KV_CACHE_DTYPES
+from kiln.config import CacheConfig
 from kiln.model.layers import kv_layout
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_fp8_kv_cache_follows_transformers_over_the_same_stored_values(make_llm,
     transformers' token among kiln's top five where they part. The kernels' exactness over the
     stored values is tested in tests/models. A byte per value sizes the cache."""
     model, tokenizer = hf_smollm
-    fp8 = getattr(torch, FP8_KV_CACHE_DTYPES[kv_cache_dtype])
+    fp8 = CacheConfig(cache_dtype=kv_cache_dtype).kv_torch_dtype(torch.float32)
     prompts, num_new = PROMPTS[:4], 32
     expected = []
     with torch.inference_mode():

@@ -189,10 +189,8 @@ def test_native_fp8_cache_write_matches_the_torch_cast(cache_dtype, dtype):
     shape = (num_blocks, KV_HEADS, block, head_dim)
     k_cache, v_cache = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
     writer(key, value, k_cache, v_cache, slots, False)
-    stored_k = k_cache.view(torch.uint8)
-    stored_v = v_cache.view(torch.uint8)
     for t, slot in enumerate(slots.tolist()):
-        for stored, x in ((stored_k, key[t]), (stored_v, value[t])):
+        for stored, x in ((k_cache.view(torch.uint8), key[t]), (v_cache.view(torch.uint8), value[t])):
             expected = kv_layout.to_cache_dtype(x.view(KV_HEADS, head_dim), cache_dtype).view(torch.uint8)
             assert torch.equal(stored[slot // block, :, slot % block], expected)
 

@@ -14,13 +14,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <c10/util/Float8_e4m3fn.h>
-#include <c10/util/Float8_e5m2.h>
-
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "kernels.h"
 #include "simd_math.h"
@@ -45,46 +41,39 @@ inline void write_pairs(const uint16_t* k, const uint16_t* v, uint16_t* k_tile, 
   for (int64_t d = 0; d < D; ++d) v_dst[2 * d] = v[d];
 }
 
-#if defined(KILN_FP8_SIMD)
-// 8 source values widened to float32 lanes
-inline __m256 widen8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 widen8(const c10::BFloat16* x) { return kiln_native::load_bf16x8(reinterpret_cast<const uint16_t*>(x)); }
-inline __m256 widen8(const c10::Half* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
-#endif
-
 // One row of D source values (S) into an fp8 cache row (F), saturating at F's largest finite value
 // (NaN stays NaN). Eight at a time where the CPU has the vector conversion, which gives c10's bytes:
 // one by one, the conversions of a 2048-token prefill cost 0.16-0.2 s over 30 layers on the AVX2 host
 // (beside a running benchmark), eight at a time 11 ms.
 template <typename F, typename S>
-inline void write_fp8_row(const S* x, F* dst, int64_t D) {
+void write_fp8_row(const char* source, char* cache_row, int64_t D) {
+  const S* x = reinterpret_cast<const S*>(source);
+  F* dst = reinterpret_cast<F*>(cache_row);
   const float limit = static_cast<float>(std::numeric_limits<F>::max());
   int64_t d = 0;
 #if defined(KILN_FP8_SIMD)
-  constexpr auto format = std::is_same_v<F, c10::Float8_e4m3fn> ? kiln_native::Fp8::e4m3 : kiln_native::Fp8::e5m2;
   const __m256 lo = _mm256_set1_ps(-limit), hi = _mm256_set1_ps(limit);
   for (; d + 8 <= D; d += 8) {  // the value second: maxps/minps then hand a NaN through, as std::clamp does
-    const __m256 clamped = _mm256_min_ps(hi, _mm256_max_ps(lo, widen8(x + d)));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + d), kiln_native::fp8_bytes8<format>(clamped));
+    const __m256 clamped = _mm256_min_ps(hi, _mm256_max_ps(lo, kiln_native::widen8(x + d)));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + d), kiln_native::fp8_bytes8<kiln_native::kFp8Format<F>>(clamped));
   }
 #endif
   for (; d < D; ++d) dst[d] = F(std::clamp(static_cast<float>(x[d]), -limit, limit));
 }
 
-// f(fp8 cache type, source type) for an fp8 cache written from a bfloat16, float16 or float32 source
-template <typename Fn>
-inline void with_fp8_types(at::ScalarType cache, at::ScalarType source, Fn&& f) {
-  auto with_source = [&](auto fp8) {
+using Fp8RowWriter = void (*)(const char*, char*, int64_t);
+
+// The row writer for an fp8 cache written from bfloat16, float16 or float32 values, picked once per call.
+Fp8RowWriter fp8_row_writer(at::ScalarType cache, at::ScalarType source) {
+  Fp8RowWriter writer = nullptr;
+  kiln_native::with_cache_type<c10::Float8_e5m2>(cache, [&](auto fp8) {  // called for fp8 caches only
     using F = decltype(fp8);
-    switch (source) {
-      case at::kBFloat16: f(F{}, c10::BFloat16{}); break;
-      case at::kHalf: f(F{}, c10::Half{}); break;
-      case at::kFloat: f(F{}, float{}); break;
-      default: TORCH_CHECK(false, "an fp8 KV cache is written from bfloat16, float16 or float32 values");
-    }
-  };
-  if (cache == at::kFloat8_e4m3fn) with_source(c10::Float8_e4m3fn{});
-  else with_source(c10::Float8_e5m2{});
+    if (source == at::kBFloat16) writer = &write_fp8_row<F, c10::BFloat16>;
+    else if (source == at::kHalf) writer = &write_fp8_row<F, c10::Half>;
+    else if (source == at::kFloat) writer = &write_fp8_row<F, float>;
+  });
+  TORCH_CHECK(writer != nullptr, "an fp8 KV cache is written from bfloat16, float16 or float32 values");
+  return writer;
 }
 
 }  // namespace
@@ -111,6 +100,7 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   const bool fp8 = is_fp8(k_cache.scalar_type());
   TORCH_CHECK(!(fp8 && pairs_layout), "fp8 caches keep the rows layout");
   const int64_t elem = key.element_size(), row_bytes = D * elem, cache_row_bytes = D * k_cache.element_size();
+  const Fp8RowWriter write_fp8 = fp8 ? fp8_row_writer(k_cache.scalar_type(), key.scalar_type()) : nullptr;
   auto slots = slot_mapping.contiguous();
   const int64_t* slot_ptr = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
@@ -143,12 +133,8 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
         const char* k_row = kp + t * k_stride + h * row_bytes;
         const char* v_row = vp + t * v_stride + h * row_bytes;
         if (fp8) {
-          with_fp8_types(k_cache.scalar_type(), key.scalar_type(), [&](auto fp8_type, auto source_type) {
-            using F = decltype(fp8_type);
-            using S = decltype(source_type);
-            write_fp8_row(reinterpret_cast<const S*>(k_row), reinterpret_cast<F*>(kc + dst), D);
-            write_fp8_row(reinterpret_cast<const S*>(v_row), reinterpret_cast<F*>(vc + dst), D);
-          });
+          write_fp8(k_row, kc + dst, D);
+          write_fp8(v_row, vc + dst, D);
         } else {
           std::memcpy(kc + dst, k_row, row_bytes);
           std::memcpy(vc + dst, v_row, row_bytes);

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <tuple>
 
@@ -31,6 +33,15 @@ inline bool pair_packed_available() {
 
 // Whether a KV cache of this dtype stores fp8 values (rows layout; see kv_layout.py).
 inline bool is_fp8(at::ScalarType dtype) { return dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2; }
+
+// f(a value of the cache's element type): c10's fp8 types for fp8 caches, else `Other` (the type a
+// kernel reads its same-dtype caches as).
+template <typename Other, typename Fn>
+inline void with_cache_type(at::ScalarType cache, Fn&& f) {
+  if (cache == at::kFloat8_e4m3fn) f(c10::Float8_e4m3fn{});
+  else if (cache == at::kFloat8_e5m2) f(c10::Float8_e5m2{});
+  else f(Other{});
+}
 
 at::Tensor pair_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                               int64_t out_features);

@@ -25,8 +25,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Float8_e4m3fn.h>
-#include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -43,50 +41,29 @@
 
 namespace {
 
-template <typename T>
-constexpr bool kFp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
-
-#if defined(KILN_FP8_SIMD)
-using kiln_native::Fp8;
-template <typename T>
-constexpr Fp8 kFp8Format = std::is_same_v<T, c10::Float8_e4m3fn> ? Fp8::e4m3 : Fp8::e5m2;
-constexpr bool kFp8Vectorized = true;
-#else
-constexpr bool kFp8Vectorized = false;
-#endif
+using kiln_native::kIsFp8;
 
 #if defined(__AVX512F__)
 // 16 cache values widened to float32 lanes, straight from the cache (no staging copy).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) { return kiln_native::load_bf16x16(reinterpret_cast<const uint16_t*>(p)); }
-#if defined(KILN_FP8_SIMD)
-template <typename T, std::enable_if_t<kFp8<T>, int> = 0>
-inline __m512 load16(const T* p) { return kiln_native::load_fp8x16<kFp8Format<T>>(reinterpret_cast<const uint8_t*>(p)); }
-#endif
+template <typename T, std::enable_if_t<kIsFp8<T>, int> = 0>
+inline __m512 load16(const T* p) { return kiln_native::load_fp8x16(p); }
 template <typename T>
-constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || (kFp8<T> && kFp8Vectorized);
-#elif defined(__AVX2__) && defined(__FMA__)
+constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || kIsFp8<T>;
+#elif defined(KILN_FP8_SIMD)
 template <typename T>
-constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || (kFp8<T> && kFp8Vectorized);
+constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || kIsFp8<T>;
 
-// 16 cache values as two vectors of float32 lanes, in chunk order (simd_math.h). float32: dims 0-7,
-// then 8-15. The query and the V sums live in the same order (`chunk_position`).
+// 16 cache values as two vectors of float32 lanes, in chunk order (simd_math.h's load_chunk). The
+// query and the V sums live in the same order (`chunk_position`).
 using kiln_native::Chunk16;
-inline Chunk16 load_chunk(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-inline Chunk16 load_chunk(const c10::BFloat16* p) {
-  return kiln_native::load_bf16_chunk(reinterpret_cast<const uint16_t*>(p));
-}
-#if defined(KILN_FP8_SIMD)
-template <typename T, std::enable_if_t<kFp8<T>, int> = 0>
-inline Chunk16 load_chunk(const T* p) {
-  return kiln_native::load_fp8_chunk<kFp8Format<T>>(reinterpret_cast<const uint8_t*>(p));
-}
-#endif
+using kiln_native::load_chunk;
 
 // Where dim d of a head's row sits in chunk order (fp8 chunks keep bfloat16's order).
 template <typename T>
 inline int64_t chunk_position(int64_t d) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> || kFp8<T>) return kiln_native::bf16_chunk_position(d);
+  if constexpr (std::is_same_v<T, c10::BFloat16> || kIsFp8<T>) return kiln_native::bf16_chunk_position(d);
   return d;
 }
 
@@ -186,7 +163,7 @@ inline void with_heads_up_to_four(int64_t nh, F&& f) {
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(KILN_FP8_SIMD) && !defined(__AVX512F__)
 #define KILN_SHARED_TILE_LOADS 1
 
 // f(heads at once as a constant, first head) over `nh` heads in chunks of up to four
@@ -600,17 +577,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                 head_dim % 32 == 0),
               "the pairs layout needs AVX512-BF16, bfloat16, 16-key blocks and head_dim a multiple of 32");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
-    auto run = [&](auto cache_type) {
+    kiln_native::with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto cache_type) {
       using C = decltype(cache_type);
       decode_attention<scalar_t, C>(qc.data_ptr<scalar_t>(), reinterpret_cast<const C*>(k_cache.data_ptr()),
                                     reinterpret_cast<const C*>(v_cache.data_ptr()), tables.data_ptr<int32_t>(),
                                     lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs, num_heads,
                                     num_kv_heads, head_dim, block_size, tables.size(1), static_cast<float>(scale),
                                     sliding_window, pairs_layout);
-    };
-    if (k_cache.scalar_type() == at::kFloat8_e4m3fn) run(c10::Float8_e4m3fn{});
-    else if (k_cache.scalar_type() == at::kFloat8_e5m2) run(c10::Float8_e5m2{});
-    else run(scalar_t{});
+    });
   });
   return out;
 }

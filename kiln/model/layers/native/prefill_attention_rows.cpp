@@ -23,8 +23,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Float8_e4m3fn.h>
-#include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,24 +47,8 @@ bool rows_prefill_available() {
 
 #if defined(KILN_FP8_SIMD)
 using kiln_native::bf16_to_float;
-using kiln_native::Fp8;
-
-// What the kernel reads a cache tile's values through: bfloat16 bits, or fp8 values (whose format
-// picks the widening, simd_math.h). 8 values of a row widened in order, and 16 in chunk order.
-inline __m256 widen8(const uint16_t* p) { return kiln_native::load_bf16x8(p); }
-inline __m256 widen8(const c10::Float8_e4m3fn* p) {
-  return kiln_native::load_fp8x8<Fp8::e4m3>(reinterpret_cast<const uint8_t*>(p));
-}
-inline __m256 widen8(const c10::Float8_e5m2* p) {
-  return kiln_native::load_fp8x8<Fp8::e5m2>(reinterpret_cast<const uint8_t*>(p));
-}
-inline kiln_native::Chunk16 load_chunk(const uint16_t* p) { return kiln_native::load_bf16_chunk(p); }
-inline kiln_native::Chunk16 load_chunk(const c10::Float8_e4m3fn* p) {
-  return kiln_native::load_fp8_chunk<Fp8::e4m3>(reinterpret_cast<const uint8_t*>(p));
-}
-inline kiln_native::Chunk16 load_chunk(const c10::Float8_e5m2* p) {
-  return kiln_native::load_fp8_chunk<Fp8::e5m2>(reinterpret_cast<const uint8_t*>(p));
-}
+using kiln_native::load_chunk;  // a tile's values as bfloat16 bits or fp8 (simd_math.h)
+using kiln_native::widen8;
 
 constexpr int64_t kKeys = 16;       // keys per cache block
 constexpr int64_t kSpanBlocks = 4;  // blocks per step of the running softmax (see TaskRows)
@@ -295,17 +277,14 @@ at::Tensor paged_prefill_attention_rows(const at::Tensor& q, const at::Tensor& k
       kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 16, true);
   auto out = in.new_output();
 #if defined(KILN_FP8_SIMD)
-  auto run = [&](auto cache_type) {
+  kiln_native::with_cache_type<uint16_t>(k_cache.scalar_type(), [&](auto cache_type) {  // bfloat16 as bits
     using C = decltype(cache_type);
     prefill_attention_rows(reinterpret_cast<const uint16_t*>(in.q.data_ptr()),
         reinterpret_cast<const C*>(k_cache.data_ptr()), reinterpret_cast<const C*>(v_cache.data_ptr()),
         in.block_tables.data_ptr<int32_t>(), in.seq_lens.data_ptr<int32_t>(), in.query_starts.data_ptr<int32_t>(),
         reinterpret_cast<uint16_t*>(out.data_ptr()), in.num_seqs, in.num_heads, in.num_kv_heads, in.head_dim,
         in.max_blocks, static_cast<float>(scale), sliding_window, in.q_row_stride);
-  };
-  if (k_cache.scalar_type() == at::kFloat8_e4m3fn) run(c10::Float8_e4m3fn{});
-  else if (k_cache.scalar_type() == at::kFloat8_e5m2) run(c10::Float8_e5m2{});
-  else run(uint16_t{});
+  });
 #endif
   return out;
 }

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels.h"
+
 namespace kiln_native {
 
 // Both kernels' inputs as they read them: checked (head_dim a multiple of `dim_multiple`; caches
@@ -30,8 +32,7 @@ inline PrefillInputs prefill_inputs(const at::Tensor& q, const at::Tensor& k_cac
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   const at::ScalarType cache = k_cache.scalar_type();
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == cache &&
-                  (cache == at::kBFloat16 ||
-                   (fp8_caches && (cache == at::kFloat8_e4m3fn || cache == at::kFloat8_e5m2))),
+                  (cache == at::kBFloat16 || (fp8_caches && is_fp8(cache))),
               fp8_caches ? "bfloat16 queries over bfloat16 or fp8 caches only" : "bfloat16 only");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   query_starts.scalar_type() == at::kInt, "int32 tables");

@@ -3,12 +3,16 @@
 // fp8 KV cache values.
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -188,6 +192,29 @@ inline __m128i fp8_bytes8(__m256 x) {
 }
 #endif
 
+template <typename T>
+constexpr bool kIsFp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
+
+#if defined(KILN_FP8_SIMD)
+template <typename T>
+constexpr Fp8 kFp8Format = std::is_same_v<T, c10::Float8_e4m3fn> ? Fp8::e4m3 : Fp8::e5m2;
+
+// What the kernels read values through, by element type (fp8 raw, see above): 8 widened in order,
+// and 16 in chunk order (bfloat16 as raw bits or as c10::BFloat16).
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 widen8(const uint16_t* p) { return load_bf16x8(p); }
+inline __m256 widen8(const c10::BFloat16* p) { return load_bf16x8(reinterpret_cast<const uint16_t*>(p)); }
+inline __m256 widen8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+template <typename T, std::enable_if_t<kIsFp8<T>, int> = 0>
+inline __m256 widen8(const T* p) { return load_fp8x8<kFp8Format<T>>(reinterpret_cast<const uint8_t*>(p)); }
+
+inline Chunk16 load_chunk(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }  // dims 0-7, 8-15
+inline Chunk16 load_chunk(const uint16_t* p) { return load_bf16_chunk(p); }
+inline Chunk16 load_chunk(const c10::BFloat16* p) { return load_bf16_chunk(reinterpret_cast<const uint16_t*>(p)); }
+template <typename T, std::enable_if_t<kIsFp8<T>, int> = 0>
+inline Chunk16 load_chunk(const T* p) { return load_fp8_chunk<kFp8Format<T>>(reinterpret_cast<const uint8_t*>(p)); }
+#endif
+
 // What an fp8 loader's raw values are short of (see above); 1 for every other type.
 template <typename T>
 constexpr float kRawScale = 1.f;
@@ -226,8 +253,9 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 
 #if defined(KILN_FP8_SIMD)
 // 16 fp8 values widened to float32 lanes in their order, raw (see load_fp8_chunk)
-template <Fp8 F>
-inline __m512 load_fp8x16(const uint8_t* p) {
+template <typename T, Fp8 F = kFp8Format<T>>
+inline __m512 load_fp8x16(const T* values) {
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(values);
   const __m256i high = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 8);
   return _mm512_cvtph_ps(F == Fp8::e5m2 ? high
       : _mm256_and_si256(_mm256_srai_epi16(high, 1), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF))));
