@@ -144,7 +144,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: Literal["builtin", "sha256"] = "builtin"
     kv_cache_memory_bytes: int | None = None
-    """CPU: bytes for the KV cache (default from KILN_CPU_KVCACHE_SPACE)."""
+    """Bytes for the KV cache. CPU: always set (default from KILN_CPU_KVCACHE_SPACE); CUDA: None
+    sizes it by profiling against gpu_memory_utilization."""
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     """Exact number of KV blocks; wins over both memory settings (used to force preemption in tests)."""
@@ -426,7 +427,8 @@ class EngineArgs:
     prefix_caching_hash_algo: str = "builtin"
     """Hash of prefix-cache blocks: builtin (Python hash) or sha256 (collision-resistant)."""
     kv_cache_memory: float | None = None
-    """CPU KV cache size in GiB (default: KILN_CPU_KVCACHE_SPACE, else 4)."""
+    """KV cache size in GiB (CPU default: KILN_CPU_KVCACHE_SPACE, else 4; CUDA default: what a
+    profiled forward leaves of gpu_memory_utilization)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory this instance may use (weights, activations and KV cache), in (0, 1]."""
     num_gpu_blocks_override: int | None = None
@@ -548,12 +550,12 @@ class EngineArgs:
             raise InvalidRequestError(
                 f"max_num_batched_tokens={max_batched} must be at least max_num_seqs={max_num_seqs}."
             )
-        kv_bytes = None
-        if not on_gpu:
-            gib = self.kv_cache_memory if self.kv_cache_memory is not None else env_cpu_kv_cache_gib()
-            if gib <= 0:
-                raise InvalidRequestError(f"kv_cache_memory={gib} GiB must be positive.")
-            kv_bytes = int(gib * 2**30)
+        gib = self.kv_cache_memory
+        if gib is None and not on_gpu:  # CUDA sizes the cache by profiling instead
+            gib = env_cpu_kv_cache_gib()
+        if gib is not None and gib <= 0:
+            raise InvalidRequestError(f"kv_cache_memory={gib} GiB must be positive.")
+        kv_bytes = None if gib is None else int(gib * 2**30)
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(

@@ -1,7 +1,7 @@
 """The worker: owns the device, the model weights and the paged KV cache.
 
-It sizes the KV cache (CPU: a fixed byte budget; CUDA: what a profiled forward leaves of
-`gpu_memory_utilization`; `num_gpu_blocks_override` wins over both), allocates it, binds each
+It sizes the KV cache (a byte budget where one is given, always on CPU; else on CUDA what a
+profiled forward leaves of `gpu_memory_utilization`; `num_gpu_blocks_override` wins over both), allocates it, binds each
 attention layer to its K/V tensors, captures the decode CUDA graphs (worker/cuda_graphs.py), and
 hands steps to the model runner.
 """
@@ -67,11 +67,11 @@ class Worker:
         cache = self.config.cache_config
         if cache.num_gpu_blocks_override is not None:
             num_blocks = cache.num_gpu_blocks_override
-        elif self.device.type == "cuda":
-            num_blocks = self._profile_cuda_blocks()
-        else:
-            assert cache.kv_cache_memory_bytes is not None, "CPU needs a KV cache byte budget"
+        elif cache.kv_cache_memory_bytes is not None:
             num_blocks = cache.kv_cache_memory_bytes // self._bytes_per_block()
+        else:
+            assert self.device.type == "cuda", "CPU needs a KV cache byte budget"
+            num_blocks = self._profile_cuda_blocks()
         capacity = int(num_blocks) * cache.block_size
         max_model_len = self.config.model_config.max_model_len
         if capacity < max_model_len:

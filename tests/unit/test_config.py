@@ -58,6 +58,21 @@ def test_kv_cache_dtype_names_map_to_fp8_formats_and_others_are_refused_by_name(
         EngineArgs(model=path, device="cpu", kv_cache_dtype="fp8_inc").create_engine_config()
 
 
+def test_kv_cache_memory_is_a_byte_budget_on_either_device_and_cuda_profiles_without_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CPU_KVCACHE_SPACE", "3")
+    path = _tiny_config_dir(tmp_path)
+
+    def budget(**kwargs):
+        return EngineArgs(model=path, **kwargs).create_engine_config().cache_config.kv_cache_memory_bytes
+
+    assert budget(device="cpu") == 3 * 2**30
+    assert budget(device="cpu", kv_cache_memory=0.5) == 2**29
+    assert budget(device="cuda", kv_cache_memory=1.5) == 3 * 2**29
+    assert budget(device="cuda") is None  # the worker profiles a forward against gpu_memory_utilization
+    with pytest.raises(InvalidRequestError, match="kv_cache_memory=0"):
+        budget(device="cuda", kv_cache_memory=0)
+
+
 def test_unknown_architecture_names_it_and_the_supported_ones(tmp_path):
     path = _tiny_config_dir(tmp_path, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(UnsupportedFeatureError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
