@@ -42,7 +42,15 @@ def tiny_model(request, tmp_path):
 
 
 def test_greedy_matches_transformers(tiny_model):
-    check_greedy_against_transformers(*tiny_model)
+    check_greedy_against_transformers(*tiny_model, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["decode-graphs", "eager"])
+def test_greedy_on_cuda_matches_transformers(tiny_model, enforce_eager):
+    """The CUDA path on a GPU (the Triton kernel; decode graphs unless eager), against transformers
+    on the same GPU."""
+    check_greedy_against_transformers(*tiny_model, device="cuda", enforce_eager=enforce_eager)
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen3"])
@@ -59,18 +67,19 @@ def test_greedy_through_decode_cuda_graphs_matches_transformers(tmp_path, triton
     assert stand_in_graphs.replays > 0, "decode steps must have replayed graphs"
 
 
-def check_greedy_against_transformers(model, path):
+def check_greedy_against_transformers(model, path, device="cpu", **engine_kwargs):
     expected = []
+    model = model.to(device)
     with torch.inference_mode():
         for ids in PROMPTS:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW,
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW,
                                  do_sample=False, pad_token_id=0)
             expected.append(out[0, len(ids):].tolist())
     # min_tokens masks EOS as transformers' min_new_tokens does.
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, min_tokens=NUM_NEW)
     prompts = [{"prompt_token_ids": ids} for ids in PROMPTS]
     for budget in (2048, 5):
-        llm = LLM(model=path, dtype="float32", skip_tokenizer_init=True, kv_cache_memory=0.01,
-                  max_num_batched_tokens=budget, max_num_seqs=4, disable_log_stats=True)
+        llm = LLM(model=path, device=device, dtype="float32", skip_tokenizer_init=True, kv_cache_memory=0.01,
+                  max_num_batched_tokens=budget, max_num_seqs=4, disable_log_stats=True, **engine_kwargs)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert got == expected, f"token budget {budget}"

@@ -31,11 +31,18 @@ def reference(q, keys, values, positions, scale, window):
     return torch.einsum("hql,lhd->qhd", probs, v.double())
 
 
-@pytest.fixture(params=["native", "torch", "triton"])
-def decode_path(request, monkeypatch):
+@pytest.fixture(params=["native", "torch", "triton", "cuda", "cuda-torch"])
+def decode_path(request, monkeypatch) -> str:
     """Attend through the native CPU kernels (where the shape fits them), through the torch backend,
     or through the CUDA backend's Triton kernel, run here by Triton's interpreter (with the torch
-    cache write, as on CUDA)."""
+    cache write, as on CUDA); on a GPU, through the compiled Triton kernel and through the torch
+    backend (CUDA without Triton). Returns the device the path's tensors live on."""
+    if request.param.startswith("cuda"):
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        if request.param == "cuda-torch":
+            monkeypatch.setattr(attention, "_triton_kernel", lambda k_cache, pairs_layout: None)
+        return "cuda"
     if request.param == "triton":
         request.getfixturevalue("triton_attention_backend")
     elif request.param == "torch":
@@ -44,7 +51,7 @@ def decode_path(request, monkeypatch):
         monkeypatch.setattr(attention, "_cache_writer", lambda k_cache: None)
     elif native.paged_decode_attention() is None:
         pytest.skip("the native kernels could not be built here")
-    return request.param
+    return "cpu"
 
 
 def test_native_kernels_build_on_the_test_machine():
@@ -133,7 +140,7 @@ def test_paged_attention_matches_direct_computation(geometry, window, dtype, tol
     head_dim, block, (first_step, second_step) = GEOMETRIES[geometry]
     layer = Attention(HEADS, KV_HEADS, head_dim, scale=head_dim**-0.5, sliding_window=window)
     steps = [first_step, second_step, [1, 1, 1, 1], [1, 1, 1, 1]]
-    check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata)
+    check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata, device=decode_path)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (5, 1), (8, 1)], ids=["group1", "group2", "group5", "group8"])
@@ -143,7 +150,7 @@ def test_every_gqa_group_size_matches_direct_computation(heads, kv_heads, decode
     1, 2, 5 and 8 heads reach each head count and the split of larger groups."""
     layer = Attention(heads, kv_heads, 64, scale=64**-0.5)
     check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[21, 40, 1], [1, 1, 7], [1, 1, 1]],
-                                  make_attn_metadata)
+                                  make_attn_metadata, device=decode_path)
 
 
 @pytest.mark.parametrize("head_dim", [96, 128])
@@ -153,7 +160,7 @@ def test_other_head_dims_match_direct_computation(head_dim, window, decode_path,
     a general loop for other multiples of 32 (96 here)."""
     layer = Attention(6, 2, head_dim, scale=head_dim**-0.5, sliding_window=window)
     check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[29, 3, 17, 1], [1, 20, 1, 1], [1, 1, 1, 1]],
-                                  make_attn_metadata)
+                                  make_attn_metadata, device=decode_path)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
@@ -167,7 +174,7 @@ def test_fp8_caches_match_direct_computation_over_the_stored_values(cache_dtype,
     the direct computation over those values within the dtype's usual tolerance."""
     layer = Attention(6, 2, 64, scale=64**-0.5, sliding_window=window)
     check_steps_against_reference(layer, 16, dtype, tol, [[29, 3, 17, 1], [1, 20, 1, 1], [1, 1, 1, 1]],
-                                  make_attn_metadata, cache_dtype=cache_dtype)
+                                  make_attn_metadata, cache_dtype=cache_dtype, device=decode_path)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
@@ -225,7 +232,7 @@ def test_long_prefill_chunks_match_direct_computation(window, decode_path, make_
     prefill kernels step their running softmax over several blocks of keys at a time."""
     layer = Attention(6, 2, 64, scale=64**-0.5, sliding_window=window)
     check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[150, 37, 80], [1, 70, 1], [1, 1, 1]],
-                                  make_attn_metadata)
+                                  make_attn_metadata, device=decode_path)
 
 
 def test_query_rows_of_a_wider_tensor_match_direct_computation(decode_path, make_attn_metadata):
@@ -233,21 +240,22 @@ def test_query_rows_of_a_wider_tensor_match_direct_computation(decode_path, make
     wider than the heads): the kernels read them in place."""
     layer = Attention(6, 2, 64, scale=64**-0.5)
     check_steps_against_reference(layer, 16, torch.bfloat16, 3e-2, [[40, 3, 21], [1, 30, 1]], make_attn_metadata,
-                                  strided_queries=True)
+                                  strided_queries=True, device=decode_path)
 
 
 def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_metadata, strided_queries=False,
-                                  cache_dtype=None):
+                                  cache_dtype=None, device="cpu"):
     """Run `steps` (each: the new tokens of every sequence) through `layer` over random block tables
     and a cache holding random leftovers, checking every output row against `reference`. With an
-    fp8 `cache_dtype` the reference attends over the keys and values as that cache stores them."""
+    fp8 `cache_dtype` the reference attends over the keys and values as that cache stores them.
+    The layer runs on `device`; the reference, on the same values, on the CPU."""
     torch.manual_seed(0)
     heads, kv_heads, head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     cache_dtype = cache_dtype or dtype
     num_blocks = 40
     shape = (num_blocks, kv_heads, block, head_dim)
     # random (finite) leftovers in the cache, as blocks reused from finished sequences hold
-    layer.kv_cache = (torch.randn(shape).to(cache_dtype), torch.randn(shape).to(cache_dtype))
+    layer.kv_cache = (torch.randn(shape).to(device, cache_dtype), torch.randn(shape).to(device, cache_dtype))
     free = torch.randperm(num_blocks).tolist()
     num_seqs = len(steps[0])
     history_len = max(sum(step[i] for step in steps) for i in range(num_seqs))
@@ -263,15 +271,16 @@ def check_steps_against_reference(layer, block, dtype, tol, steps, make_attn_met
         stored = [tuple(kv_layout.to_cache_dtype(x, cache_dtype).to(dtype) for x in pair) for pair in history]
     computed = [0] * num_seqs
     for step_new in steps:
-        md = make_attn_metadata(computed, step_new, tables, block)
+        md = make_attn_metadata(computed, step_new, tables, block, device=device)
         q = torch.randn(sum(step_new), heads, head_dim).to(dtype)
         k = torch.cat([history[i][0][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
         v = torch.cat([history[i][1][c:c + n] for i, (c, n) in enumerate(zip(computed, step_new))])
         q_rows = q.flatten(1)
         if strided_queries:  # the same values, each row followed by room for k and v
-            q_rows = torch.cat([q_rows, torch.zeros(len(q), 2 * kv_heads * head_dim, dtype=dtype)], 1)[:, :heads * head_dim]
+            q_rows = torch.cat([q_rows, torch.zeros(len(q), 2 * kv_heads * head_dim, dtype=dtype)], 1)
+        q_rows = q_rows.to(device)[:, :heads * head_dim]
         with torch.inference_mode(), forward_context(md):
-            out = layer(q_rows, k.flatten(1), v.flatten(1)).view(-1, heads, head_dim)
+            out = layer(q_rows, k.flatten(1).to(device), v.flatten(1).to(device)).view(-1, heads, head_dim).cpu()
         row = 0
         for i, (c, n) in enumerate(zip(computed, step_new)):
             positions = torch.arange(c, c + n)
