@@ -14,7 +14,14 @@ KILN=${KILN:-.venv/bin/kiln}
 PORT=${PORT:-8011}
 OUT_DIR=${OUT_DIR:-/tmp/kiln-sweep}
 mkdir -p "$OUT_DIR"
-if curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; then
+# curl where it exists, python3 otherwise (the GPU machines' image may lack curl)
+healthy() {
+  if command -v curl > /dev/null; then curl -sf "http://127.0.0.1:$PORT/health" > /dev/null
+  else python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+         "http://127.0.0.1:$PORT/health" 2> /dev/null; fi
+}
+since_start() { awk -v now="$(date +%s.%N)" -v start="$start" 'BEGIN { printf "%.2f", now - start }'; }
+if healthy; then
   echo "port $PORT already answers /health: stop that server first" >&2
   exit 1
 fi
@@ -27,16 +34,16 @@ fi
 server=$!
 # wait for the server to exit, so that a sweep started right after finds the port free
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
-until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
+until healthy; do
   kill -0 $server 2>/dev/null || { tail -20 "$OUT_DIR/server.log"; exit 1; }
   sleep 0.2
 done
-echo "startup to /health OK: $(echo "$(date +%s.%N) - $start" | bc) s"
-if [ -z "${SERVER:-}" ]; then
-  # kiln faults its KV cache in while idle (vLLM zero-fills its own during startup): measure the
+echo "startup to /health OK: $(since_start) s"
+if [ -z "${SERVER:-}" ] && grep -q "Engine ready .* on cpu" "$OUT_DIR/server.log"; then
+  # kiln faults a CPU KV cache in while idle (vLLM zero-fills its own during startup): measure the
   # warm server, and say how long warming took
   for _ in $(seq 600); do grep -q "KV cache memory fully faulted in\|stays lazily mapped" "$OUT_DIR/server.log" && break; sleep 0.2; done
-  echo "KV cache faulted in: $(echo "$(date +%s.%N) - $start" | bc) s after launch"
+  echo "KV cache faulted in: $(since_start) s after launch"
 fi
 for conc in 1 16 64; do
   prompts=$(( conc == 1 ? 8 : 64 ))

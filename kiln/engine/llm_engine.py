@@ -46,8 +46,9 @@ class LLMEngine:
         self.stat_loggers: list[StatLoggerProtocol] = [] if config.disable_log_stats else [StatLogger()]
         self.profiler = StepProfiler()
         logger.info(
-            "Engine ready in %.1fs: model %s (%s), dtype %s, max_model_len %d",
-            time.perf_counter() - start, mc.served_model_name, mc.architecture, mc.dtype, mc.max_model_len,
+            "Engine ready in %.1fs on %s: model %s (%s), dtype %s, max_model_len %d",
+            time.perf_counter() - start, config.device_config.device, mc.served_model_name, mc.architecture,
+            mc.dtype, mc.max_model_len,
         )
 
     @classmethod
