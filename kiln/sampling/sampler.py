@@ -101,12 +101,17 @@ def apply_top_k_top_p(
 ) -> torch.Tensor:
     """Keep each row's top_k tokens (ties with the k-th kept), then its smallest top-p nucleus.
 
-    Disabled rows hold top_k = V and top_p = 1. Top-k alone uses topk(max_top_k) instead of a
-    full sort; top-p needs the sort, and then top-k reads its threshold from the same sort.
+    Disabled rows hold top_k = V and top_p = 1. On CPU the native filter does both without sorting
+    rows (sampling.cpp). Here, top-k alone uses topk(max_top_k) instead of a full sort; top-p needs
+    the sort, and then top-k reads its threshold from the same sort.
     """
+    if top_k is None and top_p is None:
+        return logits
+    if (native_filter := native.top_k_top_p_rows(logits)) is not None:
+        native_filter(logits, top_k, top_p)
+        return logits
     if top_p is None:
-        if top_k is None:
-            return logits
+        assert top_k is not None
         vocab_size = logits.shape[1]
         top_values = logits.topk(max_top_k, dim=-1).values  # [B, max_top_k]
         kth = top_values.gather(1, (top_k.clamp(max=max_top_k) - 1).unsqueeze(1))  # [B, 1]

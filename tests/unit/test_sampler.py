@@ -109,14 +109,27 @@ FILTER_CASES = [
 ]
 
 
+@pytest.fixture(params=["native", "torch"])
+def filter_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Filter top-k / top-p through the native kernel (sampling.cpp), or through the torch sort."""
+    from kiln.model.layers import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "top_k_top_p_rows", lambda logits: None)
+    elif native.top_k_top_p_rows(torch.ones(1, 1)) is None:
+        pytest.skip("the native kernels could not be built here")
+    return request.param
+
+
 @pytest.mark.parametrize(("params", "expected"), FILTER_CASES)
-def test_filters_allowed_set_and_distribution(params: SamplingParams, expected: dict[int, float]) -> None:
+def test_filters_allowed_set_and_distribution(params: SamplingParams, expected: dict[int, float],
+                                              filter_path: str) -> None:
     torch.manual_seed(1234)
     out = sample(base_logits(N), [row(params) for _ in range(N)])
     assert_distribution(out.sampled_token_ids, expected)
 
 
-def test_filters_per_row_in_one_batch() -> None:
+def test_filters_per_row_in_one_batch(filter_path: str) -> None:
     """Different filters on different rows of one batch each give their own allowed set."""
     torch.manual_seed(5)
     per_case = 2000
@@ -128,10 +141,64 @@ def test_filters_per_row_in_one_batch() -> None:
         assert set(tokens.tolist()) <= set(expected), f"case {c}"
 
 
-def test_top_k_larger_than_vocab_is_off() -> None:
+def test_top_k_larger_than_vocab_is_off(filter_path: str) -> None:
     torch.manual_seed(2)
     out = sample(base_logits(N), [row(SamplingParams(top_k=100)) for _ in range(N)])
     assert_distribution(out.sampled_token_ids, dict(enumerate(PROBS)))
+
+
+def _exact_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition in float64: top-k keeps values at or above the k-th largest; top-p then keeps
+    each survivor whose more probable survivors (equal ones: lower index first) hold less than
+    top_p of the survivors' mass. Returns (kept, near_cut): near_cut marks tokens whose mass above
+    lies within 1e-6 of top_p, which float32 probabilities may place on either side."""
+    x = logits.double()
+    vocab = x.shape[1]
+    kth = x.sort(dim=-1, descending=True).values.gather(1, (top_k.clamp(max=vocab) - 1)[:, None])
+    kth[top_k >= vocab] = float("-inf")
+    x = x.masked_fill(x < kth, float("-inf"))
+    sorted_probs, order = torch.softmax(x, dim=-1).sort(dim=-1, descending=True, stable=True)
+    above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    p = top_p.double()[:, None]
+    keep = (above < p) | (p >= 1)
+    near = ((above - p).abs() < 1e-6) & (p < 1)
+    kept = torch.zeros_like(keep).scatter_(1, order, keep) & torch.isfinite(x)
+    near_cut = torch.zeros_like(near).scatter_(1, order, near)
+    return kept, near_cut
+
+
+def test_native_top_k_top_p_keeps_the_exact_nucleus() -> None:
+    """The native filter on SmolLM2-sized rows against the float64 definition: mixed rows (top-k
+    only, top-p only, both, neither), tokens already masked, ties at the k-th value, a peaked row
+    whose nucleus is one token and a flat one whose nucleus is most of the vocabulary."""
+    from kiln.model.layers import native
+
+    kernel = native.top_k_top_p_rows(torch.ones(1, 1))
+    if kernel is None:
+        pytest.skip("the native kernels could not be built here")
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 48, 49152
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    logits[:, ::7] = float("-inf")
+    logits[0, 100:300], logits[1, 100:300] = 9.0, 9.0  # 200 tied values around the k-th
+    logits[2] *= 20  # peaked
+    logits[3] *= 0.01  # nearly flat
+    top_k = torch.randint(1, 3000, (rows,), generator=gen)
+    top_k[1::4], top_k[3::4] = vocab, vocab + 5
+    top_k[0], top_k[1] = 250, 250
+    top_p = 0.05 + 0.94 * torch.rand(rows, generator=gen)
+    top_p[::3] = 1.0
+    top_p[0], top_p[2], top_p[3] = 1.0, 0.9, 0.9
+    got = logits.clone()
+    kernel(got, top_k, top_p)
+    kept, near_cut = _exact_filter(logits, top_k, top_p)
+    got_kept = torch.isfinite(got)
+    assert torch.equal(got[got_kept], logits[got_kept]), "kept logits must stay as they were"
+    assert torch.equal(got_kept & ~near_cut, kept & ~near_cut)
+    assert int(near_cut.sum()) <= 2
+    at_or_above_ties = int((logits[0] >= 9.0).sum())
+    assert int((logits[0] > 9.0).sum()) < 250 < at_or_above_ties == int(got_kept[0].sum())  # ties at the k-th kept
+    assert int(got_kept[2].sum()) < 5 and int(got_kept[3].sum()) > vocab // 2
 
 
 # ---- seeds ---------------------------------------------------------------------------------
@@ -161,7 +228,7 @@ def test_seeded_row_independent_of_batch() -> None:
     assert len(seen) > 3, "seeds should give different tokens on a flat distribution"
 
 
-def test_seeded_rows_follow_the_distribution() -> None:
+def test_seeded_rows_follow_the_distribution(filter_path: str) -> None:
     """Rows with their own generators (one seed each) still sample from the filtered distribution."""
     num = 4000
     rows = [row(SamplingParams(top_k=3, seed=s), seed=s) for s in range(num)]

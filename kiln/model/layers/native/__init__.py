@@ -29,7 +29,7 @@ logger = init_logger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("paged_attention.cpp", "prefill_attention.cpp", "prefill_attention_rows.cpp",
-                         "elementwise.cpp", "cache_write.cpp", "pair_packed_linear.cpp", "decoder_stack.cpp")]
+                         "elementwise.cpp", "sampling.cpp", "cache_write.cpp", "pair_packed_linear.cpp", "decoder_stack.cpp")]
 # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it; the math flags let the compiler
 # reassociate reductions (no -ffinite-math-only: the kernels rely on -inf)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
@@ -140,10 +140,18 @@ def fused_bf16_ops(x: torch.Tensor) -> Any | None:
 
 
 def inverse_cdf_rows(probs: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """The sampler's inverse-CDF draw (elementwise.cpp) when `probs` is float32 on CPU, else None."""
+    """The sampler's inverse-CDF draw (sampling.cpp) when `probs` is float32 on CPU, else None."""
     if probs.dtype != torch.float32 or probs.device.type != "cpu" or not load():
         return None
     return _kernels.ops.inverse_cdf_rows  # type: ignore[union-attr]
+
+
+def top_k_top_p_rows(logits: torch.Tensor) -> Callable[..., None] | None:
+    """The sampler's in-place top-k / top-p filter (sampling.cpp) when `logits` is contiguous float32
+    on CPU, else None."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous() or not load():
+        return None
+    return _kernels.ops.top_k_top_p_rows  # type: ignore[union-attr]
 
 
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:

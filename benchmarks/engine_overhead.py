@@ -1,0 +1,91 @@
+"""The engine's host-side cost per step with the model taken out: scheduling, the runner's input
+preparation, sampling metadata, the sampler, the scheduler's update and output processing
+(detokenization included). On a GPU these run while the GPU waits unless they are cheaper than the
+step's kernels: a decode step of SmolLM2-135M at batch 64 takes a few ms there. On this CPU they
+are a few per cent of a step.
+
+The model (SmolLM2-135M's config, dummy weights) is replaced after loading by a stand-in that
+returns preallocated hidden states and logits at once, so only the engine is timed. Steps are
+decode steps at the given batch sizes (prompts of --input-len tokens, prefilled first and not
+timed), greedy or sampled.
+
+    python benchmarks/engine_overhead.py --batch-sizes 1 64 256 --steps 64
+    python benchmarks/engine_overhead.py --batch-sizes 256 --profile   # cProfile's top entries
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+from kiln import LLM, SamplingParams
+
+
+def stub_model(llm: LLM, max_rows: int) -> None:
+    """Replace the forward and the LM head by views of preallocated tensors (rows vary, so tokens do)."""
+    runner = llm.llm_engine.core.worker.model_runner
+    model = runner.model
+    config = llm.llm_engine.core.config.model_config.hf_config
+    hidden = torch.zeros(max_rows, config.hidden_size, dtype=torch.bfloat16)
+    logits = torch.randn(max_rows, config.vocab_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    model.forward = lambda input_ids, positions: hidden[:input_ids.shape[0]]
+    model.compute_logits = lambda rows: logits[:rows.shape[0]]
+
+
+def time_decode_steps(llm: LLM, batch_size: int, input_len: int, steps: int, params: SamplingParams,
+                      profile: bool) -> float:
+    """Seconds per decode step of `batch_size` requests, averaged over `steps` steps."""
+    engine = llm.llm_engine
+    for i in range(batch_size):
+        engine.add_request(f"b{batch_size}-{i}", {"prompt_token_ids": [(7 * i + j) % 40000 + 100
+                                                                       for j in range(input_len)]}, params)
+    scheduler = engine.core.scheduler
+    while scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
+        engine.step()  # the prefills, untimed
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    elapsed = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    engine.abort_request([f"b{batch_size}-{i}" for i in range(batch_size)])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return elapsed / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="config source (default: the embedded SmolLM2)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the best is shown)")
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions per batch size")
+    args = parser.parse_args()
+    max_batch = max(args.batch_sizes)
+    llm = LLM(model=args.model, load_format="dummy", max_num_seqs=max_batch, enable_prefix_caching=False,
+              max_num_batched_tokens=max(2048, max_batch), max_model_len=args.input_len + args.steps + 16,
+              disable_log_stats=True)
+    stub_model(llm, max(max_batch, 2048))
+    max_tokens = args.steps + 8
+    modes = {"greedy": SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+             "sampled": SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=max_tokens, ignore_eos=True)}
+    print(f"{'batch':>5} {'mode':>8} {'ms/step':>9} {'us/request':>11}")
+    for batch_size in args.batch_sizes:
+        for mode, params in modes.items():
+            best = min(time_decode_steps(llm, batch_size, args.input_len, args.steps, params, args.profile)
+                       for _ in range(1 if args.profile else args.repeats))
+            print(f"{batch_size:>5} {mode:>8} {best * 1e3:>9.3f} {best * 1e6 / batch_size:>11.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

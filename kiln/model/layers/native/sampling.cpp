@@ -1,0 +1,317 @@
+// The sampler's per-row kernels on CPU (sampling/sampler.py keeps the torch paths, which are also
+// the tests' reference): the greedy argmax over bfloat16 logits, the top-k / top-p filter, and the
+// inverse-CDF draw. Each row is one task.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+#include "simd_math.h"
+
+namespace {
+
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+// The k-th largest of row[0..V), duplicates counted (0 < k < V): a min-heap of the k largest seen.
+// After the first k values only a value above the heap's minimum touches it, so a pass is mostly
+// one compare per value.
+float kth_largest(const float* row, int64_t V, int64_t k, std::vector<float>& heap) {
+  heap.assign(row, row + k);
+  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+  for (int64_t i = k; i < V; ++i) {
+    if (row[i] > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+      heap.back() = row[i];
+      std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+    }
+  }
+  return heap.front();
+}
+
+// Sets row[i] = -inf where keep_from(i) is false, then appends the indices i with keep_from(i) and
+// in_list(i) to `out`. Spans of 64 are tested as a whole first (a vector loop), so rows where few
+// values qualify cost about one pass of compares.
+template <typename Keep, typename List>
+void mask_and_list(float* row, int64_t V, Keep keep_from, List in_list, std::vector<int64_t>& out) {
+  constexpr int64_t kSpan = 64;
+  for (int64_t start = 0; start < V; start += kSpan) {
+    const int64_t end = std::min(start + kSpan, V);
+    int listed = 0;
+#pragma omp simd reduction(| : listed)
+    for (int64_t i = start; i < end; ++i) {
+      const bool keep = keep_from(i);
+      listed |= keep && in_list(i);
+      row[i] = keep ? row[i] : kMinusInf;
+    }
+    if (listed) {
+      for (int64_t i = start; i < end; ++i) {
+        if (row[i] != kMinusInf && in_list(i)) out.push_back(i);
+      }
+    }
+  }
+}
+
+// Walks `order` (indices of row, most probable first) with each token's probability `prob(i)`,
+// starting from the mass `above` of the tokens before them: keeps a token while the mass of the
+// more probable ones is under `target`, and sets the rest to -inf. Equal logits go by lower index.
+template <typename Prob>
+void cut_in_order(float* row, std::vector<int64_t>& order, double above, double target, Prob prob) {
+  std::sort(order.begin(), order.end(), [row](int64_t a, int64_t b) {
+    return row[a] > row[b] || (row[a] == row[b] && a < b);
+  });
+  for (const int64_t i : order) {
+    if (above < target) above += prob(i);
+    else row[i] = kMinusInf;
+  }
+}
+
+// Top-p over the softmax of the whole row (tokens at -inf have probability 0): keeps each token
+// whose more probable tokens hold less than top_p of the mass, as the torch path's ascending
+// cumsum test (cum <= 1 - top_p is cut) does, without sorting the row:
+// - Tokens below (1 - top_p) x total / V are cut outright: all of them together hold less than
+//   1 - top_p of the mass, so each has at least top_p of it above. For a language model's logits
+//   that leaves a few hundred candidates at most, which are sorted and walked.
+// - Past kMaxSorted candidates (a nearly flat row), a radix select over the candidates'
+//   probabilities as float32 bit patterns (non-negative floats order as integers), 8 bits at a
+//   time with float64 mass per digit, finds the probability at which the mass from the top crosses
+//   top_p; only tokens of exactly that probability are sorted.
+constexpr size_t kMaxSorted = 4096;
+
+void top_p_row(float* row, int64_t V, double top_p, std::vector<float>& probs, std::vector<int64_t>& candidates) {
+  float max = kMinusInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t i = 0; i < V; ++i) max = max > row[i] ? max : row[i];
+  if (max == kMinusInf) return;
+  probs.resize(V);
+  float* p = probs.data();
+  double total = 0.0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < V; ++i) {
+    p[i] = row[i] == kMinusInf ? 0.f : kiln_native::fast_exp(row[i] - max);
+    total += p[i];
+  }
+  const double target = top_p * total;
+  const float floor = static_cast<float>((1.0 - top_p) * total / static_cast<double>(V));
+  candidates.clear();
+  mask_and_list(row, V, [&](int64_t i) { return p[i] >= floor; }, [](int64_t) { return true; }, candidates);
+  const auto prob = [p](int64_t i) { return static_cast<double>(p[i]); };
+  if (candidates.size() <= kMaxSorted) {
+    cut_in_order(row, candidates, 0.0, target, prob);
+    return;
+  }
+  const auto bits_of = [p](int64_t i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof(bits));
+    return bits;
+  };
+  uint32_t crossing = 0;  // the bit pattern found so far, digit by digit from the top
+  double above = 0.0;  // the mass of the candidates whose bits are above `crossing`
+  std::vector<int64_t> tied = candidates;  // the candidates that share crossing's digits so far
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    double digit_mass[256] = {};
+    for (const int64_t i : tied) digit_mass[(bits_of(i) >> shift) & 255] += prob(i);
+    int digit = 255;
+    for (; digit > 0 && above + digit_mass[digit] < target; --digit) above += digit_mass[digit];
+    crossing |= static_cast<uint32_t>(digit) << shift;
+    const uint32_t mask = ~0u << shift;
+    tied.erase(std::remove_if(tied.begin(), tied.end(), [&](int64_t i) { return (bits_of(i) & mask) != crossing; }),
+               tied.end());
+  }
+  for (const int64_t i : candidates) {
+    if (bits_of(i) < crossing) row[i] = kMinusInf;
+  }
+  cut_in_order(row, tied, above, target, prob);
+}
+
+// Top-k, then top-p over the k survivors (ties at the k-th value survive too): the survivors are
+// listed while the rest are masked, then sorted and walked; no pass over the row's probabilities.
+void top_k_then_top_p_row(float* row, int64_t V, float kth, double top_p, std::vector<int64_t>& survivors) {
+  survivors.clear();
+  mask_and_list(row, V, [&](int64_t i) { return row[i] >= kth; }, [](int64_t) { return true; }, survivors);
+  float max = kMinusInf;
+  for (const int64_t i : survivors) max = std::max(max, row[i]);
+  double total = 0.0;
+  for (const int64_t i : survivors) total += kiln_native::fast_exp(row[i] - max);
+  cut_in_order(row, survivors, 0.0, top_p * total,
+               [row, max](int64_t i) { return static_cast<double>(kiln_native::fast_exp(row[i] - max)); });
+}
+
+}  // namespace
+
+namespace kiln_native {
+
+// [B, V] bfloat16 -> [B] int64: torch.argmax's answer (the first maximum; a NaN counts as the
+// maximum, the first one wins), one row per task. torch's CPU argmax reads a bfloat16 row at
+// ~1 element per ns; this is a vector max, then a vector search for its first occurrence.
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be [B, V] with V > 0");
+  auto xc = x.contiguous();
+  const int64_t B = xc.size(0), V = xc.size(1);
+  auto out = at::empty({B}, x.options().dtype(at::kLong));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint16_t* row = xp + b * V;
+      float best = -std::numeric_limits<float>::infinity();
+      int64_t i = 0;
+      bool has_nan = false;
+#if defined(__AVX512F__)
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __mmask16 nan_lanes = 0;
+      for (; i + 16 <= V; i += 16) {
+        const __m512 v = kiln_native::load_bf16x16(row + i);
+        nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, v);
+      }
+      has_nan = nan_lanes != 0;
+      best = _mm512_reduce_max_ps(vmax);
+#endif
+      // elsewhere (and for the tail) reductions the compiler vectorizes: std::max's NaN order and a
+      // loop that stops at the first hit would stay scalar (~2 ms per 64 rows of 49k on AVX2)
+      int nan_seen = has_nan;
+#pragma omp simd reduction(max : best) reduction(| : nan_seen)
+      for (int64_t k = i; k < V; ++k) {
+        const float v = bf16_to_float(row[k]);
+        nan_seen |= v != v;
+        best = best > v ? best : v;
+      }
+      has_nan = nan_seen;
+      int64_t index = 0, j = 0;
+#if defined(__AVX512F__)
+      const __m512 target = _mm512_set1_ps(best);
+      for (; j + 16 <= V; j += 16) {
+        const __m512 v = kiln_native::load_bf16x16(row + j);
+        const __mmask16 hit = has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        if (hit) break;
+      }
+#else
+      constexpr int64_t kSpan = 64;  // searched as a whole, then element by element where it hits
+      for (; j + kSpan <= V; j += kSpan) {
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t k = j; k < j + kSpan; ++k) {
+          const float v = bf16_to_float(row[k]);
+          hit |= has_nan ? v != v : v == best;
+        }
+        if (hit) break;
+      }
+#endif
+      for (; j < V; ++j) {
+        const float v = bf16_to_float(row[j]);
+        if (has_nan ? v != v : v == best) {
+          index = j;
+          break;
+        }
+      }
+      op[b] = index;
+    }
+  });
+  return out;
+}
+
+namespace {
+
+// The running sums in index order, one float64 rounding per step, as torch's cumsum takes them
+// (-fassociative-math would let GCC split the total over vector lanes and change its last bits).
+__attribute__((optimize("no-associative-math"))) int64_t inverse_cdf_index(const float* p, int64_t V, double u) {
+  double total = 0.0;
+  for (int64_t i = 0; i < V; ++i) total += static_cast<double>(p[i]);
+  const double target = u * total;
+  double sum = 0.0;
+  for (int64_t i = 0; i < V; ++i) {
+    sum += static_cast<double>(p[i]);
+    // the first crossing; where u * total rounded up to the total, the first token reaching it
+    // (the same sums, so the last one equals the total exactly)
+    if (sum > target || sum == total) return i;
+  }
+  return V - 1;  // only NaN probabilities get here
+}
+
+}  // namespace
+
+// probs [B, V] float32, uniform [B] float64 in [0, 1) -> [B] int64: per row the first token whose
+// float64 running sum exceeds u * total, or (u * total rounded up to the total) the first token
+// where the sum reaches the total. Bitwise the picks of the sampler's torch path (cumsum in
+// float64, searchsorted, clamped to the cdf's argmax), without its [B, V] float64 copy and
+// serial-per-element scan (64 x 49k rows on a 2-core AVX2 host: 3.4 against 35 ms).
+at::Tensor inverse_cdf_rows(const at::Tensor& probs, const at::Tensor& uniform) {
+  TORCH_CHECK(probs.dim() == 2 && probs.size(1) > 0 && probs.scalar_type() == at::kFloat,
+              "probs must be float32 [B, V] with V > 0");
+  TORCH_CHECK(uniform.dim() == 1 && uniform.size(0) == probs.size(0) && uniform.scalar_type() == at::kDouble,
+              "uniform must be float64 [B]");
+  auto pc = probs.contiguous();
+  auto uc = uniform.contiguous();
+  const int64_t B = pc.size(0), V = pc.size(1);
+  auto out = at::empty({B}, probs.options().dtype(at::kLong));
+  const float* pp = pc.data_ptr<float>();
+  const double* up = uc.data_ptr<double>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) op[b] = inverse_cdf_index(pp + b * V, V, up[b]);
+  });
+  return out;
+}
+
+// logits [B, V] float32, after temperature, filtered in place: per row, top-k keeps the values
+// at or above the k-th largest (ties included), then top-p keeps the smallest set of most probable
+// survivors holding top_p of their renormalized mass. top_k [B] int64 (k >= V: off) and top_p [B]
+// float32 (1: off) are each optional. The torch path sorts every row for top-p: 64 x 49k logits
+// took 150 ms on a 2-core AVX2 host, where this takes a few ms.
+void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k,
+                      const c10::optional<at::Tensor>& top_p) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "logits must be contiguous float32 [B, V]");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  at::Tensor ks, ps;
+  if (top_k.has_value()) {
+    ks = top_k->contiguous();
+    TORCH_CHECK(ks.scalar_type() == at::kLong && ks.numel() == B, "top_k must be int64 [B]");
+  }
+  if (top_p.has_value()) {
+    ps = top_p->contiguous();
+    TORCH_CHECK(ps.scalar_type() == at::kFloat && ps.numel() == B, "top_p must be float32 [B]");
+  }
+  float* lp = logits.data_ptr<float>();
+  const int64_t* kp = ks.defined() ? ks.data_ptr<int64_t>() : nullptr;
+  const float* pp = ps.defined() ? ps.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    std::vector<int64_t> tokens;
+    for (int64_t b = begin; b < end; ++b) {
+      float* row = lp + b * V;
+      const bool k_on = kp != nullptr && kp[b] > 0 && kp[b] < V, p_on = pp != nullptr && pp[b] < 1.f;
+      if (k_on) {
+        const float kth = kth_largest(row, V, kp[b], scratch);
+        if (p_on) {
+          top_k_then_top_p_row(row, V, kth, pp[b], tokens);
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < V; ++i) row[i] = row[i] < kth ? kMinusInf : row[i];
+        }
+      } else if (p_on) {
+        top_p_row(row, V, pp[b], scratch, tokens);
+      }
+    }
+  });
+}
+
+}  // namespace kiln_native
+
+TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.impl("argmax_rows", c10::DispatchKey::CPU, &kiln_native::argmax_rows);
+  m.def("inverse_cdf_rows(Tensor probs, Tensor uniform) -> Tensor");
+  m.impl("inverse_cdf_rows", c10::DispatchKey::CPU, &kiln_native::inverse_cdf_rows);
+  m.def("top_k_top_p_rows(Tensor(a!) logits, Tensor? top_k, Tensor? top_p) -> ()");
+  m.impl("top_k_top_p_rows", c10::DispatchKey::CPU, &kiln_native::top_k_top_p_rows);
+}
