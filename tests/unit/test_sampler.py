@@ -201,6 +201,21 @@ def test_native_top_k_top_p_keeps_the_exact_nucleus() -> None:
     assert int(got_kept[2].sum()) < 5 and int(got_kept[3].sum()) > vocab // 2
 
 
+def test_native_filter_cuts_nan_logits() -> None:
+    """A broken model's NaN logits are cut from filtered rows (sorting them would have no order)
+    and the rest filters as usual."""
+    from kiln.model.layers import native
+
+    kernel = native.top_k_top_p_rows(torch.ones(1, 1))
+    if kernel is None:
+        pytest.skip("the native kernels could not be built here")
+    logits = torch.randn(3, 9000, generator=torch.Generator().manual_seed(1)) * 0.01
+    logits[:, ::3] = float("nan")
+    kernel(logits, torch.tensor([9000, 20, 9000]), torch.tensor([0.5, 1.0, 1.0]))
+    assert not logits[:2].isnan().any() and logits[2].isnan().sum() == 3000  # the last row is not filtered
+    assert 0 < int(torch.isfinite(logits[0]).sum()) < 6000 and int(torch.isfinite(logits[1]).sum()) == 20
+
+
 # ---- seeds ---------------------------------------------------------------------------------
 def test_seeded_row_independent_of_batch() -> None:
     """A seeded row samples the same token alone or in any batch, whatever the global RNG state."""

@@ -264,8 +264,8 @@ at::Tensor inverse_cdf_rows(const at::Tensor& probs, const at::Tensor& uniform) 
 
 // logits [B, V] float32, after temperature, filtered in place: per row, top-k keeps the values
 // at or above the k-th largest (ties included), then top-p keeps the smallest set of most probable
-// survivors holding top_p of their renormalized mass. top_k [B] int64 (k >= V: off) and top_p [B]
-// float32 (1: off) are each optional. The torch path sorts every row for top-p: 64 x 49k logits
+// survivors holding top_p of their renormalized mass; NaN logits of a filtered row become -inf.
+// top_k [B] int64 (k >= V: off) and top_p [B] float32 (1: off) are each optional. The torch path sorts every row for top-p: 64 x 49k logits
 // took 150 ms on a 2-core AVX2 host, where this takes a few ms.
 void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k,
                       const c10::optional<at::Tensor>& top_p) {
@@ -290,6 +290,10 @@ void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k
     for (int64_t b = begin; b < end; ++b) {
       float* row = lp + b * V;
       const bool k_on = kp != nullptr && kp[b] > 0 && kp[b] < V, p_on = pp != nullptr && pp[b] < 1.f;
+      if (k_on || p_on) {  // NaN logits (a broken model) are cut: sorting and heaps need an order
+#pragma omp simd
+        for (int64_t i = 0; i < V; ++i) row[i] = row[i] != row[i] ? kMinusInf : row[i];
+      }
       if (k_on) {
         const float kth = kth_largest(row, V, kp[b], scratch);
         if (p_on) {
