@@ -37,12 +37,13 @@ def stub_model(llm: LLM, max_rows: int) -> None:
 
 
 def time_decode_steps(llm: LLM, batch_size: int, input_len: int, steps: int, params: SamplingParams,
-                      profile: bool) -> float:
+                      profile: bool, final_only: bool) -> float:
     """Seconds per decode step of `batch_size` requests, averaged over `steps` steps."""
     engine = llm.llm_engine
     for i in range(batch_size):
         engine.add_request(f"b{batch_size}-{i}", {"prompt_token_ids": [(7 * i + j) % 40000 + 100
-                                                                       for j in range(input_len)]}, params)
+                                                                       for j in range(input_len)]}, params,
+                           final_only=final_only)
     scheduler = engine.core.scheduler
     while scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
         engine.step()  # the prefills, untimed
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the best is shown)")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions per batch size")
+    parser.add_argument("--every-step-outputs", action="store_true",
+                        help="report every request after every step, as a streaming server does (default: "
+                             "only finished requests, as the offline LLM does)")
     args = parser.parse_args()
     max_batch = max(args.batch_sizes)
     llm = LLM(model=args.model, load_format="dummy", max_num_seqs=max_batch, enable_prefix_caching=False,
@@ -82,7 +86,8 @@ def main() -> None:
     print(f"{'batch':>5} {'mode':>8} {'ms/step':>9} {'us/request':>11}")
     for batch_size in args.batch_sizes:
         for mode, params in modes.items():
-            best = min(time_decode_steps(llm, batch_size, args.input_len, args.steps, params, args.profile)
+            best = min(time_decode_steps(llm, batch_size, args.input_len, args.steps, params, args.profile,
+                                         not args.every_step_outputs)
                        for _ in range(1 if args.profile else args.repeats))
             print(f"{batch_size:>5} {mode:>8} {best * 1e3:>9.3f} {best * 1e6 / batch_size:>11.1f}", flush=True)
 

@@ -55,20 +55,23 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args.create_engine_config())
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0) -> None:
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
+                    final_only: bool = False) -> None:
+        """`final_only`: `step` reports the request only when it finishes, not after every token."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         processed = self.input_processor.tokenize(prompt, params)
         core_requests = self.input_processor.process(request_id, processed, params, priority)
-        self.add_processed_request(request_id, processed, params, core_requests)
+        self.add_processed_request(request_id, processed, params, core_requests, final_only)
 
     def add_processed_request(
         self, request_id: str, processed: ProcessedPrompt, params: SamplingParams,
-        core_requests: list[EngineCoreRequest],
+        core_requests: list[EngineCoreRequest], final_only: bool = False,
     ) -> None:
         """Admit a request the input processor already validated (the async front validates on its
         own thread, then hands the result to the engine thread)."""
-        self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params)
+        self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
+                                          final_only)
         for request in core_requests:
             self.core.add_request(request)
 

@@ -58,6 +58,7 @@ class ParentState:
     samples: dict[str, SampleState]
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
+    final_only: bool = False  # report the request once, when it finishes (the offline LLM's way)
 
     @property
     def finished(self) -> bool:
@@ -83,7 +84,9 @@ class OutputProcessor:
         self.parent_of: dict[str, str] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, final_only: bool = False) -> None:
+        """`final_only`: `process_outputs` returns this request's output only once it has finished
+        (an offline batch needs no partial outputs; building one copies every token so far)."""
         num = params.best_of or params.n
         samples = {}
         for index in range(num):
@@ -94,7 +97,8 @@ class OutputProcessor:
             samples[child_id] = SampleState(index=index, params=params, detokenizer=detok)
             self.parent_of[child_id] = request_id
         prompt_logprobs: PromptLogprobs | None = [None] if params.prompt_logprobs is not None else None
-        self.parents[request_id] = ParentState(request_id, prompt, prompt_token_ids, params, samples, prompt_logprobs)
+        self.parents[request_id] = ParentState(request_id, prompt, prompt_token_ids, params, samples, prompt_logprobs,
+                                               final_only=final_only)
 
     def child_ids(self, request_id: str) -> list[str]:
         parent = self.parents.get(request_id)
@@ -130,8 +134,10 @@ class OutputProcessor:
             touched[parent_id] = parent
         results = []
         for parent_id, parent in touched.items():
-            results.append(parent.to_output())
-            if parent.finished:
+            finished = parent.finished
+            if finished or not parent.final_only:
+                results.append(parent.to_output())
+            if finished:
                 self.abort_request(parent_id)
         return results, to_abort
 

@@ -58,7 +58,8 @@ class LLM:
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
                 request_id = str(next(self._request_counter))
-                self.llm_engine.add_request(request_id, prompt, params, priority[i] if priority else 0)
+                self.llm_engine.add_request(request_id, prompt, params, priority[i] if priority else 0,
+                                            final_only=True)
                 request_ids.append(request_id)
         except Exception:
             self.llm_engine.abort_request(request_ids)
