@@ -90,6 +90,7 @@ class Worker:
         weights = torch.cuda.memory_allocated()
         num_tokens = self.model_runner.profile_run(self._allocate_kv_cache)
         activations = torch.cuda.max_memory_allocated() - weights
+        torch.cuda.empty_cache()  # the profile's blocks go back to the driver, for the KV cache to take
         logger.info("Profiled a %d-token forward: %.2f GiB of activations", num_tokens, activations / 2**30)
         used_by_others = total - free
         budget = total * self.config.cache_config.gpu_memory_utilization - used_by_others - activations
