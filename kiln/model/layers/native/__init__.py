@@ -29,7 +29,8 @@ logger = init_logger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("paged_attention.cpp", "prefill_attention.cpp", "prefill_attention_rows.cpp",
-                         "elementwise.cpp", "sampling.cpp", "cache_write.cpp", "pair_packed_linear.cpp", "decoder_stack.cpp")]
+                         "elementwise.cpp", "sampling.cpp", "cache_write.cpp", "pair_packed_linear.cpp",
+                         "decoder_stack.cpp")]
 # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it; the math flags let the compiler
 # reassociate reductions (no -ffinite-math-only: the kernels rely on -inf)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",

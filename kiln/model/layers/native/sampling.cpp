@@ -59,9 +59,10 @@ void mask_and_list(float* row, int64_t V, Keep keep_from, List in_list, std::vec
   }
 }
 
-// Walks `order` (indices of row, most probable first) with each token's probability `prob(i)`,
-// starting from the mass `above` of the tokens before them: keeps a token while the mass of the
-// more probable ones is under `target`, and sets the rest to -inf. Equal logits go by lower index.
+// Sorts `order` (indices of row) most probable first, equal logits by lower index, then walks it
+// with each token's probability `prob(i)`, starting from the mass `above` of the tokens before
+// them: keeps a token while the mass of the more probable ones is under `target`, and sets the
+// rest to -inf.
 template <typename Prob>
 void cut_in_order(float* row, std::vector<int64_t>& order, double above, double target, Prob prob) {
   std::sort(order.begin(), order.end(), [row](int64_t a, int64_t b) {
@@ -191,7 +192,8 @@ at::Tensor argmax_rows(const at::Tensor& x) {
       const __m512 target = _mm512_set1_ps(best);
       for (; j + 16 <= V; j += 16) {
         const __m512 v = kiln_native::load_bf16x16(row + j);
-        const __mmask16 hit = has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        const __mmask16 hit =
+            has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
         if (hit) break;
       }
 #else
@@ -265,8 +267,8 @@ at::Tensor inverse_cdf_rows(const at::Tensor& probs, const at::Tensor& uniform) 
 // logits [B, V] float32, after temperature, filtered in place: per row, top-k keeps the values
 // at or above the k-th largest (ties included), then top-p keeps the smallest set of most probable
 // survivors holding top_p of their renormalized mass; NaN logits of a filtered row become -inf.
-// top_k [B] int64 (k >= V: off) and top_p [B] float32 (1: off) are each optional. The torch path sorts every row for top-p: 64 x 49k logits
-// took 150 ms on a 2-core AVX2 host, where this takes a few ms.
+// top_k [B] int64 (k >= V: off) and top_p [B] float32 (1: off) are each optional. The torch path
+// sorts every row for top-p: 64 x 49k logits took 150 ms on a 2-core AVX2 host, this a few ms.
 void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k,
                       const c10::optional<at::Tensor>& top_p) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
