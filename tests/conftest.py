@@ -66,7 +66,7 @@ def stand_in_graphs(monkeypatch):
     return ReplayByRerun
 
 
-_MODEL_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
+_MODEL_CACHE: dict[tuple[str, str, str, str], torch.nn.Module] = {}
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +91,7 @@ def hf_smollm(smollm_path: str):
 def _cached_load_model(model_config, load_config, device="cpu"):
     from kiln.model import loader
 
-    key = (model_config.model, model_config.dtype, load_config.load_format)
+    key = (model_config.model, model_config.dtype, load_config.load_format, str(device))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE[key] = loader.load_model(model_config, load_config, device)
     return copy.deepcopy(_MODEL_CACHE[key])

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from kiln import SamplingParams
+from fp8_reference import StoredAsFp8, assert_mostly_follows
 from kiln.config import CacheConfig
-from kiln.model.layers import kv_layout
 
 pytestmark = pytest.mark.slow
 
@@ -82,28 +81,13 @@ def test_prefix_cache_hits(make_llm, reference):
     assert all(o.num_cached_tokens > 0 for o in second if len(o.prompt_token_ids) > 4)
 
 
-class _StoredAsFp8(DynamicCache):
-    """transformers' cache holding keys and values as an fp8 KV cache stores them, widened back."""
-
-    def __init__(self, fp8: torch.dtype) -> None:
-        super().__init__()
-        self.fp8 = fp8
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        stored = [kv_layout.to_cache_dtype(x, self.fp8).to(x.dtype) for x in (key_states, value_states)]
-        return super().update(*stored, layer_idx, *args, **kwargs)
-
-
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8"])  # e5m2 parts sooner; its kernels are tested in tests/models
 def test_fp8_kv_cache_follows_transformers_over_the_same_stored_values(make_llm, hf_smollm, kv_cache_dtype):
     """--kv-cache-dtype fp8: greedy tokens follow transformers' when its cache stores the same fp8
-    values (a model attends over its own key as stored, as kiln writes before attending). Not to the
-    end: a float32 rounding difference that puts a key on the other side of an fp8 rounding boundary
-    moves it by a whole fp8 step (12-25 %), later keys then differ by more than rounding, and such
-    flips cascade. Seen here: e4m3 parted after 23-26 tokens in two of four prompts (top-2 logprob gaps
-    8e-4 and 1e-2), e5m2 after 14-18 in two. So the test asks for most tokens in agreement, and
-    transformers' token among kiln's top five where they part. The kernels' exactness over the
-    stored values is tested in tests/models. A byte per value sizes the cache."""
+    values (a model attends over its own key as stored, as kiln writes before attending), up to the
+    roundings fp8_reference.py describes. Seen here: e4m3 parted after 23-26 tokens in two of four
+    prompts (top-2 logprob gaps 8e-4 and 1e-2), e5m2 after 14-18 in two. The kernels' exactness over
+    the stored values is tested in tests/models. A byte per value sizes the cache."""
     model, tokenizer = hf_smollm
     fp8 = CacheConfig(cache_dtype=kv_cache_dtype).kv_torch_dtype(torch.float32)
     prompts, num_new = PROMPTS[:4], 32
@@ -112,19 +96,11 @@ def test_fp8_kv_cache_follows_transformers_over_the_same_stored_values(make_llm,
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             generated = model.generate(ids, max_new_tokens=num_new, min_new_tokens=num_new, do_sample=False,
-                                       pad_token_id=tokenizer.eos_token_id, cache=_StoredAsFp8(fp8))
+                                       pad_token_id=tokenizer.eos_token_id, cache=StoredAsFp8(fp8))
             expected.append(generated[0, ids.shape[1]:].tolist())
     llm = make_llm(dtype="float32", kv_cache_dtype=kv_cache_dtype)
     greedy = SamplingParams(temperature=0, max_tokens=num_new, min_tokens=num_new, logprobs=5)
-    matched = 0
-    for output, reference_ids in zip(llm.generate(prompts, greedy, use_tqdm=False), expected):
-        got = output.outputs[0]
-        for token, reference_id, top in zip(got.token_ids, reference_ids, got.logprobs):
-            if token != reference_id:
-                assert reference_id in top, f"transformers' token {reference_id} is not among kiln's top 5"
-                break
-            matched += 1
-    assert matched >= len(prompts) * num_new // 2
+    assert_mostly_follows(llm.generate(prompts, greedy, use_tqdm=False), expected)
     worker = llm.llm_engine.core.worker
     assert {cache.dtype for layer in worker.attn_layers for cache in layer.kv_cache} == {fp8}
     # 0.25 GiB over blocks of 16 tokens x K and V x 3 kv heads x 64 dims x 30 layers, one byte each

@@ -109,16 +109,32 @@ FILTER_CASES = [
 ]
 
 
-@pytest.fixture(params=["native", "torch"])
-def filter_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Filter top-k / top-p through the native kernel (sampling.cpp), or through the torch sort."""
+def native_kernel(name: str):
+    """The native sampling kernel `name` of kiln.model.layers.native (for float32 CPU rows), or a skip."""
+    from kiln.model.layers import native
+
+    kernel = getattr(native, name)(torch.ones(1, 1))
+    if kernel is None:
+        pytest.skip("the native kernels could not be built here")
+    return kernel
+
+
+def native_or_torch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, name: str) -> str:
+    """For a fixture parametrized over "native" and "torch": keep the native kernel `name` (skipping
+    where it is not built), or make the sampler take its torch path."""
     from kiln.model.layers import native
 
     if request.param == "torch":
-        monkeypatch.setattr(native, "top_k_top_p_rows", lambda logits: None)
-    elif native.top_k_top_p_rows(torch.ones(1, 1)) is None:
-        pytest.skip("the native kernels could not be built here")
+        monkeypatch.setattr(native, name, lambda tensor: None)
+    else:
+        native_kernel(name)
     return request.param
+
+
+@pytest.fixture(params=["native", "torch"])
+def filter_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Filter top-k / top-p through the native kernel (sampling.cpp), or through the torch sort."""
+    return native_or_torch(request, monkeypatch, "top_k_top_p_rows")
 
 
 @pytest.mark.parametrize(("params", "expected"), FILTER_CASES)
@@ -171,11 +187,7 @@ def test_native_top_k_top_p_keeps_the_exact_nucleus() -> None:
     """The native filter on SmolLM2-sized rows against the float64 definition: mixed rows (top-k
     only, top-p only, both, neither), tokens already masked, ties at the k-th value, a peaked row
     whose nucleus is one token and a flat one whose nucleus is most of the vocabulary."""
-    from kiln.model.layers import native
-
-    kernel = native.top_k_top_p_rows(torch.ones(1, 1))
-    if kernel is None:
-        pytest.skip("the native kernels could not be built here")
+    kernel = native_kernel("top_k_top_p_rows")
     gen = torch.Generator().manual_seed(0)
     rows, vocab = 48, 49152
     logits = torch.randn(rows, vocab, generator=gen) * 3
@@ -204,11 +216,7 @@ def test_native_top_k_top_p_keeps_the_exact_nucleus() -> None:
 def test_native_filter_cuts_nan_logits() -> None:
     """A broken model's NaN logits are cut from filtered rows (sorting them would have no order)
     and the rest filters as usual."""
-    from kiln.model.layers import native
-
-    kernel = native.top_k_top_p_rows(torch.ones(1, 1))
-    if kernel is None:
-        pytest.skip("the native kernels could not be built here")
+    kernel = native_kernel("top_k_top_p_rows")
     logits = torch.randn(3, 9000, generator=torch.Generator().manual_seed(1)) * 0.01
     logits[:, ::3] = float("nan")
     kernel(logits, torch.tensor([9000, 20, 9000]), torch.tensor([0.5, 1.0, 1.0]))
@@ -395,13 +403,7 @@ def test_to_logprobs_lists_slices_to_the_request_k() -> None:
 @pytest.fixture(params=["native", "torch"])
 def draw_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Draw through the native inverse-CDF kernel, or through the torch path."""
-    from kiln.model.layers import native
-
-    if request.param == "torch":
-        monkeypatch.setattr(native, "inverse_cdf_rows", lambda probs: None)
-    elif native.inverse_cdf_rows(torch.ones(1, 1)) is None:
-        pytest.skip("the native kernels could not be built here")
-    return request.param
+    return native_or_torch(request, monkeypatch, "inverse_cdf_rows")
 
 
 def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatch: pytest.MonkeyPatch,
@@ -421,12 +423,9 @@ def test_native_inverse_cdf_draw_picks_what_the_torch_path_picks() -> None:
     """The kernel takes the torch path's float64 running sums in the same order, so its picks are
     bitwise the same: also where u * total lands exactly on a running sum (the strict crossing
     decides), on zero-probability tokens, at u = 0 and at u = 1 (u * total rounded up)."""
-    from kiln.model.layers import native
     from kiln.sampling import sampler as sampler_module
 
-    kernel = native.inverse_cdf_rows(torch.ones(1, 1))
-    if kernel is None:
-        pytest.skip("the native kernels could not be built here")
+    kernel = native_kernel("inverse_cdf_rows")
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(48, 49152, generator=gen) * 4
     logits[:, ::5] = float("-inf")
