@@ -21,18 +21,33 @@ import pstats
 import time
 
 import torch
+from transformers import PretrainedConfig
 
 from kiln import LLM, SamplingParams
+from kiln.worker.model_runner import ModelRunner
 
 
 def stub_model(llm: LLM, max_rows: int) -> None:
-    """Replace the forward and the LM head by views of preallocated tensors (rows vary, so tokens do)."""
-    runner = llm.llm_engine.core.worker.model_runner
+    """Stub the offline engine's model (see `stub_runner_model`)."""
+    core = llm.llm_engine.core
+    stub_runner_model(core.worker.model_runner, core.config.model_config.hf_config, max_rows)
+
+
+def stub_runner_model(runner: ModelRunner, hf_config: PretrainedConfig, max_rows: int,
+                      step_seconds: float = 0.0) -> None:
+    """Replace the forward and the LM head by views of preallocated tensors (rows vary, so tokens
+    do). `step_seconds` > 0 makes each forward sleep that long with the GIL released, as a host
+    thread waiting on a GPU's kernels does."""
     model = runner.model
-    config = llm.llm_engine.core.config.model_config.hf_config
-    hidden = torch.zeros(max_rows, config.hidden_size, dtype=torch.bfloat16)
-    logits = torch.randn(max_rows, config.vocab_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    model.forward = lambda input_ids, positions: hidden[:input_ids.shape[0]]
+    hidden = torch.zeros(max_rows, hf_config.hidden_size, dtype=torch.bfloat16)
+    logits = torch.randn(max_rows, hf_config.vocab_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if step_seconds:
+            time.sleep(step_seconds)
+        return hidden[:input_ids.shape[0]]
+
+    model.forward = forward
     model.compute_logits = lambda rows: logits[:rows.shape[0]]
 
 

@@ -1,9 +1,10 @@
 """The asyncio front of the engine, used by the HTTP server.
 
-`AsyncLLM.generate()` validates a request on the caller's event loop (so a bad request fails
-at once, with no engine involved), hands it to the engine thread, then yields its
-RequestOutputs as they are produced; leaving the iterator early (a client disconnect cancels
-the task) aborts the request, which returns its KV blocks. The engine thread owns all engine
+`AsyncLLM.add_request()` validates a request on the caller's event loop (so a bad request fails
+at once, with no engine involved), hands it to the engine thread and returns the stream its
+RequestOutputs arrive on; a reader that falls behind gets the latest output only.
+`generate()` iterates that stream; leaving it early (a client disconnect cancels the task)
+aborts the request, which returns its KV blocks. The engine thread owns all engine
 state: additions and aborts reach it through a queue and are applied between steps, so the
 event loop never waits for a step. An exception escaping a step kills the engine: every open
 request gets EngineDeadError and later calls fail fast. While no request is in flight the thread
@@ -45,7 +46,7 @@ class AsyncLLM:
         self._work = threading.Event()
         self._stopped = False
         self._dead: BaseException | None = None
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestOutputStream]] = {}
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="kiln-engine", daemon=True)
@@ -84,12 +85,13 @@ class AsyncLLM:
         """Also report every step's stats to `stat_logger` (e.g. the Prometheus collectors)."""
         self.engine.stat_loggers.append(stat_logger)
 
-    async def generate(
-        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative RequestOutputs for one request until it finishes (the last has finished=True).
+    def add_request(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, priority: int = 0,
+                    wake: asyncio.Event | None = None) -> RequestOutputStream:
+        """Validate and tokenize a request on the caller's event loop, queue it for the engine thread,
+        and return the stream its outputs arrive on (the caller aborts it if it stops reading).
 
-        Raises InvalidRequestError (bad input) before anything is queued."""
+        Raises InvalidRequestError (bad input) before anything is queued. `wake` is set whenever
+        the stream gets an item (one event can watch the streams of several requests)."""
         if self._dead is not None or self._stopped:
             raise EngineDeadError(f"The engine is not running: {self._dead or 'shut down'}")
         if request_id in self._streams:
@@ -97,19 +99,24 @@ class AsyncLLM:
         processor = self.engine.input_processor
         processed = processor.tokenize(prompt, sampling_params)
         core_requests = processor.process(request_id, processed, sampling_params, priority)
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = RequestOutputStream(request_id, wake)
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send("add", (request_id, processed, sampling_params, core_requests))
-        finished = False
+        return stream
+
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative RequestOutputs for one request until it finishes (the last has finished=True);
+        a reader that falls behind gets the latest output only. Leaving early aborts the request.
+
+        Raises InvalidRequestError (bad input) before anything is queued."""
+        stream = self.add_request(prompt, sampling_params, request_id, priority)
         try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for output in stream:
+                yield output
         finally:
-            if not finished:
+            if not stream.finished:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -162,7 +169,7 @@ class AsyncLLM:
         """Hand outputs to their streams with one wake-up per event loop, not one per request: each
         `call_soon_threadsafe` writes to the loop's self-pipe, 64 writes and callbacks a step at 64
         running requests, on the cores the step needs."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestOutputStream, RequestOutput | BaseException]]] = {}
         for request_id, item in items:
             entry = self._streams.get(request_id)
             if entry is None:
@@ -208,6 +215,60 @@ class AsyncLLM:
         self._thread.join(timeout=30)
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+class RequestOutputStream:
+    """The outputs of one request, as its reader sees them (all methods on the reader's event loop).
+
+    Outputs are cumulative, so a reader that falls behind the engine needs only the latest: a new
+    output replaces one not yet read (as vLLM's output collector does). Under load the HTTP layer
+    then formats, encodes and writes one chunk per request per read instead of one per step, and
+    what it cannot keep up with is merged instead of queued. An error is delivered after the output
+    pending before it.
+    """
+
+    def __init__(self, request_id: str, wake: asyncio.Event | None = None) -> None:
+        self.request_id = request_id
+        self.wake = wake if wake is not None else asyncio.Event()
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self.finished = False
+        """The final output or an error has been taken: nothing more will come."""
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._output = item
+        self.wake.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._output is not None or self._error is not None
+
+    def take(self) -> RequestOutput | None:
+        """The latest output not yet taken, or None; raises the error once the outputs are taken."""
+        output, self._output = self._output, None
+        if output is not None:
+            self.finished = output.finished
+            return output
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.finished = True
+            raise error
+        return None
+
+    def __aiter__(self) -> RequestOutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while not self.finished:
+            output = self.take()
+            if output is not None:
+                return output
+            self.wake.clear()
+            await self.wake.wait()
+        raise StopAsyncIteration
+
+
+def _put_all(batch: list[tuple[RequestOutputStream, RequestOutput | BaseException]]) -> None:
     for stream, item in batch:
-        stream.put_nowait(item)
+        stream.put(item)

@@ -12,18 +12,22 @@ import httpx
 import pytest
 
 from kiln.config import ServerConfig
+from kiln.engine.async_llm import RequestOutputStream
 from kiln.entrypoints.openai.api_server import build_app
 from kiln.entrypoints.openai.generation_defaults import load_generation_defaults
+from kiln.entrypoints.openai.protocol import CompletionChoice
+from kiln.entrypoints.openai.serving_base import EngineRequest
 from kiln.errors import EngineDeadError, InvalidRequestError
 from kiln.outputs import CompletionOutput, RequestOutput
+from kiln.sampling.params import SamplingParams
 
 WORDS = " one two three four five six seven eight"
 
 
 class FakeEngine:
-    """AsyncLLM's serving surface: validates on the first step of `generate`, then yields cumulative
-    outputs of a fixed text (`text`, WORDS by default), one token per loop tick, ending with
-    `finish_reason`; `gate` holds requests before their first output."""
+    """AsyncLLM's serving surface: `add_request` validates at once, then a task puts cumulative
+    outputs of a fixed text (`text`, WORDS by default) on the request's stream, one token per loop
+    tick, ending with `finish_reason`; `gate` holds requests before their first output."""
 
     def __init__(self, tokenizer, text: str = WORDS, finish_reason: str = "length", max_model_len: int = 64) -> None:
         self.tokenizer = tokenizer
@@ -34,6 +38,7 @@ class FakeEngine:
         self.fail: BaseException | None = None
         self.die_after_first = False
         self.requests: list[tuple[str, dict, object]] = []
+        self.producers: dict[str, asyncio.Task] = {}
         self.aborted: list[str] = []
         self.is_dead = False
         self.num_unfinished_requests = 0
@@ -42,29 +47,36 @@ class FakeEngine:
     def add_stat_logger(self, stat_logger) -> None:
         self.stat_loggers.append(stat_logger)
 
-    async def generate(self, prompt, params, request_id, priority=0):
+    def add_request(self, prompt, params, request_id, priority=0, wake=None) -> RequestOutputStream:
         if self.fail is not None:
             raise self.fail
         if len(prompt["prompt_token_ids"]) + (params.max_tokens or 0) > self.max_model_len:
             raise InvalidRequestError("too long for the fake", "max_tokens")
         self.requests.append((request_id, prompt, params))
+        stream = RequestOutputStream(request_id, wake)
+        self.producers[request_id] = asyncio.create_task(self._produce(prompt, params, request_id, stream))
+        return stream
+
+    async def _produce(self, prompt, params, request_id, stream: RequestOutputStream) -> None:
         tokens = self.tokenizer.encode(self.text, add_special_tokens=False)[:params.max_tokens or 3]
-        finished = False
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            for i in range(1, len(tokens) + 1):
-                await asyncio.sleep(0)
-                finished = i == len(tokens)
-                samples = [CompletionOutput(j, self.tokenizer.decode(tokens[:i]), tokens[:i], None, None,
-                                            self.finish_reason if finished else None) for j in range(params.n)]
-                yield RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"], None, samples,
-                                    finished)
-                if self.die_after_first:
-                    raise EngineDeadError("The engine failed: scripted")
-        finally:
-            if not finished:
-                self.aborted.append(request_id)
+        if self.gate is not None:
+            await self.gate.wait()
+        for i in range(1, len(tokens) + 1):
+            await asyncio.sleep(0)
+            finished = i == len(tokens)
+            samples = [CompletionOutput(j, self.tokenizer.decode(tokens[:i]), tokens[:i], None, None,
+                                        self.finish_reason if finished else None) for j in range(params.n)]
+            stream.put(RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"], None, samples,
+                                     finished))
+            if self.die_after_first:
+                stream.put(EngineDeadError("The engine failed: scripted"))
+                return
+
+    def abort(self, request_id: str) -> None:
+        producer = self.producers.get(request_id)
+        if producer is not None and not producer.done():
+            producer.cancel()
+            self.aborted.append(request_id)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +160,7 @@ def test_streaming_completions_index_choices_per_prompt(tokenizer):
             for choice in event["choices"]:
                 texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
         assert texts == {i: " one two three" for i in range(4)}
+        assert all(set(choice) == set(CompletionChoice.model_fields) for event in events for choice in event["choices"])
         assert sorted(request_id for request_id, _, _ in engine.requests)[0].endswith("-0")
 
     run(FakeEngine(tokenizer), ServerConfig(), scenario)
@@ -487,3 +500,23 @@ def test_startup_report_gives_time_since_launch_and_peak_rss():
     # the same quantity two ways; psutil counts from a boot time in whole seconds
     assert float(match[1]) == pytest.approx(since_launch, abs=1.5)
     assert abs(int(match[2]) - resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) < 64
+
+
+def test_a_lagging_reader_gets_merged_outputs_with_the_whole_text(tokenizer):
+    """Outputs that arrive while the reader is busy are merged (they are cumulative): the reader
+    sees the latest per request, and nothing is lost."""
+    async def main():
+        app = build_app(FakeEngine(tokenizer), ServerConfig())
+        serving = app.state.serving
+        requests = [EngineRequest(f"lag-{i}", {"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=8))
+                    for i in range(2)]
+        streams = await serving.open_streams(requests)
+        for _ in range(20):  # the producers put all 8 outputs of each request meanwhile
+            await asyncio.sleep(0)
+        seen = [(index, output.outputs[0].text, output.finished) async for index, output in streams]
+        streams.close()
+        return serving, seen
+
+    serving, seen = asyncio.run(main())
+    assert sorted(seen) == [(0, WORDS, True), (1, WORDS, True)]
+    assert serving.num_queued == 0 and not serving.active_ids

@@ -29,7 +29,7 @@ from kiln.outputs import RequestOutput
 from kiln.sampling.params import SamplingParams
 
 if TYPE_CHECKING:
-    from kiln.engine.async_llm import AsyncLLM
+    from kiln.engine.async_llm import AsyncLLM, RequestOutputStream
 
 logger = init_logger(__name__)
 
@@ -71,47 +71,30 @@ class EngineRequest:
 class EngineStreams:
     """The engine requests of one HTTP request, merged into one stream of (prompt_index, RequestOutput).
 
-    Each engine request is driven by its own task, which alone iterates `AsyncLLM.generate`;
-    `close()` cancels the drivers, whose generators then abort their requests (the KV blocks
-    return to the pool). `open()` gives the drivers one loop tick to add their requests, so
-    validation errors raise there, before any response byte is sent.
+    `open()` adds every request to the engine at once, so validation errors raise there, before
+    any response byte is sent. Iteration yields each request's latest output as it arrives (a
+    reader that lags gets fewer, larger steps: the outputs are cumulative). `close()` aborts the
+    requests still running, whose KV blocks then return to the pool.
     """
 
     def __init__(self, serving: OpenAIServing, requests: list[EngineRequest]) -> None:
         self.serving = serving
         self.requests = requests
-        self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-        self.tasks: list[asyncio.Task] = []
+        self.streams: list[RequestOutputStream] = []
+        self.wake = asyncio.Event()
         self.waiting: set[int] = set()  # indices admitted that have no output yet (admission control counts them)
-        self.error: BaseException | None = None
+        self.released: set[int] = set()
 
     async def open(self) -> None:
         self.serving.admit(self.requests)
         self.waiting = set(range(len(self.requests)))
-        for index, request in enumerate(self.requests):
-            task = asyncio.create_task(self._drive(index, request))
-            task.add_done_callback(lambda _, i=index: self._release(i))  # runs even if cancelled before starting
-            self.tasks.append(task)
         try:
-            await asyncio.sleep(0)  # each driver runs up to its first await: the request is validated and added
+            for request in self.requests:
+                self.streams.append(self.serving.engine.add_request(
+                    request.prompt, request.params, request.request_id, request.priority, wake=self.wake))
         except BaseException:
             self.close()
             raise
-        if self.error is not None:
-            self.close()
-            raise self.error
-
-    async def _drive(self, index: int, request: EngineRequest) -> None:
-        try:
-            async for output in self.serving.engine.generate(request.prompt, request.params, request.request_id,
-                                                               request.priority):
-                self._release_queued(index)
-                self.queue.put_nowait((index, output))
-        except Exception as exc:  # delivered to the reader, which answers the client
-            self.error = self.error or exc
-            self.queue.put_nowait((index, exc))
-        finally:
-            self.queue.put_nowait((index, None))
 
     def _release_queued(self, index: int) -> None:
         if index in self.waiting:
@@ -120,25 +103,35 @@ class EngineStreams:
 
     def _release(self, index: int) -> None:
         self._release_queued(index)
-        self.serving.active_ids.discard(self.requests[index].request_id)
+        if index not in self.released:
+            self.released.add(index)
+            self.serving.active_ids.discard(self.requests[index].request_id)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        remaining = len(self.tasks)
-        while remaining:
-            index, item = await self.queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
+        while len(self.released) < len(self.requests):
+            self.wake.clear()
+            for index, stream in enumerate(self.streams):
+                if not stream.ready:
+                    continue
+                try:
+                    output = stream.take()
+                finally:
+                    self._release_queued(index)
+                    if stream.finished:
+                        self._release(index)
+                if output is not None:
+                    yield index, output
+            if len(self.released) < len(self.requests) and not any(stream.ready for stream in self.streams):
+                await self.wake.wait()
 
     def close(self) -> None:
         """Abort every engine request still running (a disconnect, an error, or the end of a response)."""
-        for task, request in zip(self.tasks, self.requests):
-            if not task.done():
+        for index, request in enumerate(self.requests):
+            stream = self.streams[index] if index < len(self.streams) else None
+            if stream is not None and not stream.finished and index not in self.released:
                 logger.info("Aborting request %s before it finished", request.request_id)
-                task.cancel()
+                self.serving.engine.abort(request.request_id)
+            self._release(index)
 
 
 async def _wait_for_disconnect(raw_request: Request) -> None:

@@ -186,10 +186,12 @@ class OpenAIServingCompletion:
                 chunk: dict[str, Any] = {
                     "id": request_id, "object": "text_completion", "created": created, "model": model,
                     "system_fingerprint": None,
-                    "choices": [CompletionChoice(
-                        index=index, text=prefix + delta,
-                        logprobs=logprobs, finish_reason=sample.finish_reason, stop_reason=sample.stop_reason,
-                    ).model_dump()],
+                    "choices": [{  # CompletionChoice's fields, without building the model per token
+                        "index": index, "text": prefix + delta,
+                        "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                        "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason,
+                        "prompt_logprobs": None,
+                    }],
                 }
                 if continuous:
                     chunk["usage"] = usage_dict(num_prompt[prompt_index], len(sample.token_ids))
