@@ -1,7 +1,7 @@
 """The model runner: turns a `SchedulerOutput` into one forward pass and sampled tokens.
 
 It keeps a copy of every running request's tokens and block table between steps (the scheduler
-sends only deltas), flattens all scheduled tokens into one batch without padding, runs the model
+sends only deltas; the tables live in one array, `BlockTables`), flattens all scheduled tokens into one batch without padding, runs the model
 once (decode steps: by replaying a CUDA graph when the worker captured them), computes logits
 only for the rows that are sampled (plus prompt rows when prompt logprobs are asked for), and
 samples.
@@ -23,6 +23,7 @@ from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
 from kiln.sampling.sampler import Sampler, SamplerOutput, gather_logprobs, to_logprobs_lists
 from kiln.structured.backend import GrammarState, allocate_bitmask, apply_bitmask
+from kiln.worker.block_table import BlockTables
 from kiln.worker.cuda_graphs import DecodeGraphs
 
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -36,7 +37,6 @@ class RunnerRequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     sampling_params: SamplingParams
-    block_ids: list[int]
     num_computed_tokens: int
     eos_token_id: int | None
     generator: torch.Generator | None = None
@@ -79,6 +79,8 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.sampler = Sampler()
         self.requests: dict[str, RunnerRequestState] = {}
+        sc = config.scheduler_config
+        self.block_tables = BlockTables(sc.max_num_seqs + 1, -(-sc.max_model_len // self.block_size))
         self.decode_graphs: DecodeGraphs | None = None
 
     # ---- state updates -------------------------------------------------------------------
@@ -94,21 +96,22 @@ class ModelRunner:
         self.requests[new.req_id] = RunnerRequestState(
             req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
             output_token_ids=list(new.output_token_ids), sampling_params=params,
-            block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
+            num_computed_tokens=new.num_computed_tokens,
             eos_token_id=self.eos_token_id, generator=generator, grammar=grammar,
         )
 
     def _update_states(self, sched: SchedulerOutput) -> list[str]:
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.block_tables.remove(req_id)
         order: list[str] = []
         for cached in sched.scheduled_cached_reqs:
-            state = self.requests[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            self.block_tables.append(cached.req_id, cached.new_block_ids)
+            self.requests[cached.req_id].num_computed_tokens = cached.num_computed_tokens
             order.append(cached.req_id)
         for new in sched.scheduled_new_reqs:
             self._add_request(new)
+            self.block_tables.add(new.req_id, new.block_ids)
             order.append(new.req_id)
         return order
 
@@ -120,15 +123,16 @@ class ModelRunner:
         sample_req_ids: list[str] = []
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[int, int, int]] = {}
-        tables = []
         for req_id in req_ids:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, num_scheduled[req_id]
             row0 = len(input_ids)
-            input_ids.extend(state.token_ids[start:start + n])
+            if n == 1:
+                input_ids.append(state.token_ids[start])
+            else:
+                input_ids.extend(state.token_ids[start:start + n])
             query_lens.append(n)
             seq_lens.append(start + n)
-            tables.append(state.block_ids)
             if start + n >= state.num_tokens:
                 sample_req_ids.append(req_id)
                 sample_rows.append(row0 + n - 1)
@@ -137,12 +141,16 @@ class ModelRunner:
                 last = min(start + n, len(state.prompt_token_ids) - 1)
                 if last > start:
                     prompt_rows[req_id] = (row0, last - start, start + 1)
-        positions = np.concatenate([np.arange(s - q, s) for q, s in zip(query_lens, seq_lens)])
-        max_blocks = max(len(t) for t in tables)
-        block_table = np.zeros((len(tables), max_blocks), dtype=np.int32)
-        for i, table in enumerate(tables):
-            block_table[i, : len(table)] = table
-        seq_index = np.repeat(np.arange(len(tables)), query_lens)
+        seq_lens_np = np.asarray(seq_lens, dtype=np.int64)
+        table_rows = self.block_tables.rows(req_ids)
+        block_table = self.block_tables.gather(table_rows)
+        max_query_len = max(query_lens)
+        if max_query_len == 1:  # a decode step: one token per request, at its last position
+            positions = seq_lens_np - 1
+            seq_index = np.arange(len(req_ids))
+        else:
+            positions = np.concatenate([np.arange(s - q, s) for q, s in zip(query_lens, seq_lens)])
+            seq_index = np.repeat(np.arange(len(req_ids)), query_lens)
         slot_mapping = block_table[seq_index, positions // self.block_size].astype(np.int64) * self.block_size
         slot_mapping += positions % self.block_size
         query_start = np.zeros(len(query_lens) + 1, dtype=np.int32)
@@ -150,13 +158,13 @@ class ModelRunner:
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
         metadata = AttentionMetadata(
             slot_mapping=to_dev(slot_mapping), query_start_loc=to_dev(query_start),
-            seq_lens=to_dev(np.asarray(seq_lens, dtype=np.int32)), block_tables=to_dev(block_table),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            seq_lens=to_dev(seq_lens_np.astype(np.int32)), block_tables=to_dev(block_table),
+            max_query_len=max_query_len, max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         )
         return _Batch(
             req_ids=req_ids, input_ids=to_dev(np.asarray(input_ids, dtype=np.int64)),
-            positions=to_dev(positions.astype(np.int64)), attn_metadata=metadata,
+            positions=to_dev(positions), attn_metadata=metadata,
             sample_req_ids=sample_req_ids, sample_rows=sample_rows, prompt_logprob_rows=prompt_rows,
         )
 
@@ -262,10 +270,10 @@ class ModelRunner:
         bind_cache(num_blocks)
         state = RunnerRequestState(
             req_id="profile", prompt_token_ids=[0] * num_tokens, output_token_ids=[],
-            sampling_params=SamplingParams(max_tokens=1), block_ids=list(range(num_blocks)),
-            num_computed_tokens=0, eos_token_id=None,
+            sampling_params=SamplingParams(max_tokens=1), num_computed_tokens=0, eos_token_id=None,
         )
         self.requests[state.req_id] = state
+        self.block_tables.add(state.req_id, list(range(num_blocks)))
         try:
             batch = self._prepare_inputs([state.req_id], {state.req_id: num_tokens})
             with forward_context(batch.attn_metadata):
@@ -273,4 +281,5 @@ class ModelRunner:
             self.model.compute_logits(hidden[-1:])
         finally:
             del self.requests[state.req_id]
+            self.block_tables.remove(state.req_id)
         return num_tokens
