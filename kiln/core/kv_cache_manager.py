@@ -86,6 +86,10 @@ class KVCacheManager:
         Returns the ids of the blocks appended to the table by this call (hits first, then fresh
         blocks; possibly []), or None, changing nothing, when too few blocks are free.
         """
+        if not new_computed_blocks:
+            req_blocks = self.req_to_blocks.get(request.request_id)
+            if req_blocks and request.num_computed_tokens + num_new_tokens <= len(req_blocks) * self.block_size:
+                return []  # most decode steps: the last block still has room
         new_computed_blocks = new_computed_blocks or []
         assert num_new_computed_tokens == len(new_computed_blocks) * self.block_size, "hits must be full blocks"
         req_blocks = self.req_to_blocks.setdefault(request.request_id, [])

@@ -62,7 +62,10 @@ class ParentState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples.values())
+        for sample in self.samples.values():  # a loop, not all(genexpr): called per request per step
+            if sample.finish_reason is None:
+                return False
+        return True
 
     def to_output(self) -> RequestOutput:
         samples = sorted(self.samples.values(), key=lambda s: s.index)
