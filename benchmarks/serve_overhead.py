@@ -87,7 +87,7 @@ def wait_ready(port: int, server: subprocess.Popen, log: Path, timeout: float = 
 
 def bench(port: int, args: argparse.Namespace, out_dir: str, seed: int) -> dict:
     kiln = Path(sys.executable).with_name("kiln")
-    subprocess.run([str(kiln), "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
+    subprocess.run([str(kiln), "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", args.endpoint,
                     "--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
                     "--random-output-len", str(args.output_len), "--ignore-eos", "--seed", str(seed),
                     "--max-concurrency", str(args.concurrency), "--disable-tqdm", "--save-result",
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--endpoint", default="/v1/completions", choices=("/v1/completions", "/v1/chat/completions"))
     parser.add_argument("--step-ms", type=float, default=0.0, help="each stubbed forward sleeps this long")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)
