@@ -41,6 +41,23 @@ def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+class ChunkFramer:
+    """The SSE events of one streamed response. The fields every chunk repeats (id, object,
+    created, model) are encoded once: JSON-encoding whole chunks was ~8 us of the event loop's
+    ~70 us per streamed token, the choices alone ~4."""
+
+    def __init__(self, request_id: str, object_name: str, created: int, model: str) -> None:
+        head = json.dumps({"id": request_id, "object": object_name, "created": created, "model": model,
+                           "system_fingerprint": None})
+        self._head = f"data: {head[:-1]}, \"choices\": "
+
+    def frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None,
+              with_usage: bool = False) -> str:
+        """One event: the head, `choices`, and a "usage" field when `with_usage` (null if None)."""
+        tail = f", \"usage\": {json.dumps(usage)}}}\n\n" if with_usage else "}\n\n"
+        return f"{self._head}{json.dumps(choices)}{tail}"
+
+
 def clamp_logprob(value: float) -> float:
     return max(value, _MIN_LOGPROB)
 

@@ -9,7 +9,6 @@ tool_calling.py; this module wires them into the request and the response.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from kiln.entrypoints.openai.protocol import (
     ChatResponseMessage, ChatTokenLogprob, TopLogprob, UsageInfo,
 )
 from kiln.entrypoints.openai.serving_base import (
-    EngineRequest, EngineStreams, OpenAIServing, clamp_logprob, collect_final, guarded_stream, sse,
+    ChunkFramer, EngineRequest, EngineStreams, OpenAIServing, clamp_logprob, collect_final, guarded_stream,
     prompt_logprobs_json, streaming_response, unix_time, usage_dict,
 )
 from kiln.entrypoints.openai.serving_completion import token_text
@@ -212,12 +211,10 @@ class OpenAIServingChat:
         continuous = include_usage and bool(options and options.continuous_usage_stats)
         usage_so_far = usage_dict(num_prompt, 0) if continuous else None
 
+        framer = ChunkFramer(request_id, "chat.completion.chunk", created, model)
+
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                    "model": model, "system_fingerprint": None, "choices": choices}
-            if usage is not None or include_usage:
-                body["usage"] = usage
-            return sse(json.dumps(body))
+            return framer.frame(choices, usage, with_usage=usage is not None or include_usage)
 
         for index in range(n):
             yield chunk([{"index": index, "delta": {"role": role, "content": echo}, "logprobs": None,

@@ -6,7 +6,6 @@ vLLM does. Streaming sends, per choice, the difference between successive cumula
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from kiln.entrypoints.openai.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo,
 )
 from kiln.entrypoints.openai.serving_base import (
-    EngineRequest, EngineStreams, OpenAIServing, clamp_logprob, collect_final, guarded_stream, sse,
+    ChunkFramer, EngineRequest, EngineStreams, OpenAIServing, clamp_logprob, collect_final, guarded_stream,
     prompt_logprobs_json, streaming_response, unix_time, usage_dict,
 )
 from kiln.errors import InvalidRequestError
@@ -151,6 +150,7 @@ class OpenAIServingCompletion:
     async def _stream(self, request: CompletionRequest, request_id: str, n: int,
                       streams: EngineStreams) -> AsyncIterator[str]:
         created, model = unix_time(), self.serving.models.primary
+        framer = ChunkFramer(request_id, "text_completion", created, model)
         options = request.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and bool(options and options.continuous_usage_stats)
@@ -183,22 +183,13 @@ class OpenAIServingCompletion:
                 num_generated[index] = len(sample.token_ids)
                 if sample.finished():
                     finished.add(index)
-                chunk: dict[str, Any] = {
-                    "id": request_id, "object": "text_completion", "created": created, "model": model,
-                    "system_fingerprint": None,
-                    "choices": [{  # CompletionChoice's fields, without building the model per token
-                        "index": index, "text": prefix + delta,
-                        "logprobs": logprobs.model_dump() if logprobs is not None else None,
-                        "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason,
-                        "prompt_logprobs": None,
-                    }],
+                choice = {  # CompletionChoice's fields, without building the model per token
+                    "index": index, "text": prefix + delta,
+                    "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                    "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason,
+                    "prompt_logprobs": None,
                 }
-                if continuous:
-                    chunk["usage"] = usage_dict(num_prompt[prompt_index], len(sample.token_ids))
-                elif include_usage:
-                    chunk["usage"] = None
-                yield sse(json.dumps(chunk))
+                usage = usage_dict(num_prompt[prompt_index], len(sample.token_ids)) if continuous else None
+                yield framer.frame([choice], usage, with_usage=include_usage)
         if include_usage:
-            usage = usage_dict(sum(num_prompt.values()), sum(num_generated.values()))
-            yield sse(json.dumps({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                                  "system_fingerprint": None, "choices": [], "usage": usage}))
+            yield framer.frame([], usage_dict(sum(num_prompt.values()), sum(num_generated.values())), with_usage=True)
