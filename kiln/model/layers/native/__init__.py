@@ -8,6 +8,8 @@ is set, every caller keeps its torch implementation: the kernels are a speed-up,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -15,7 +17,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +97,11 @@ def _load() -> bool:
     if shutil.which("ninja") is None:  # the pip-installed ninja sits beside this interpreter
         os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     start = time.perf_counter()
+    build_dir = _build_dir()
     try:
-        build(name="kiln_native", sources=[str(s) for s in _SOURCES], is_python_module=False,
-              extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=_build_dir(), verbose=False)
+        with _exclusive_build(build_dir):
+            build(name="kiln_native", sources=[str(s) for s in _SOURCES], is_python_module=False,
+                  extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: keep the torch paths
         lines = str(exc).splitlines()
         reason = next((line for line in lines if "error" in line.lower() and line is not lines[0]), lines[0] if lines else "")
@@ -105,6 +109,24 @@ def _load() -> bool:
         return False
     logger.info("Native CPU kernels ready in %.1f s", time.perf_counter() - start)
     return True
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: str) -> Iterator[None]:
+    """One kiln process at a time loads or builds in `build_dir`, under an flock that dies with
+    its holder. torch's builder guards the directory with a plain `lock` file instead, which a
+    process killed mid-build leaves behind, and every later load then waits on it forever (even
+    with nothing to rebuild). Holding the flock, any `lock` file found is such a leftover."""
+    with open(os.path.join(build_dir, "kiln-build.flock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            logger.warning("Removing %s, left by a native kernel build that was interrupted", stale)
+            os.remove(stale)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def pair_packed_linear() -> Callable[..., torch.Tensor] | None:
