@@ -10,8 +10,9 @@ cores from the model.
 
 Reported per run: output tokens/s, and the server's CPU time per output token, split between its
 main thread (the event loop: HTTP and the OpenAI layer), the engine thread (scheduling, the
-runner, the sampler's argmax over the stub logits on one thread, detokenization) and any other. CPU time is the steadier figure on a shared 2-core machine: the bench
-client runs on the same cores.
+runner, the sampler's argmax over the stub logits on one thread, detokenization) and any other.
+CPU time is the steadier figure on a shared 2-core machine: the bench client runs on the same
+cores.
 
     python benchmarks/serve_overhead.py --concurrency 64 --num-prompts 256
     python benchmarks/serve_overhead.py --concurrency 64 --step-ms 5    # a "GPU" step of 5 ms

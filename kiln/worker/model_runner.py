@@ -1,7 +1,8 @@
 """The model runner: turns a `SchedulerOutput` into one forward pass and sampled tokens.
 
 It keeps a copy of every running request's tokens and block table between steps (the scheduler
-sends only deltas; the tables live in one array, `BlockTables`), flattens all scheduled tokens into one batch without padding, runs the model
+sends only deltas; the tables live in one array, `BlockTables`), flattens all scheduled tokens
+into one batch without padding, runs the model
 once (decode steps: by replaying a CUDA graph when the worker captured them), computes logits
 only for the rows that are sampled (plus prompt rows when prompt logprobs are asked for), and
 samples.
