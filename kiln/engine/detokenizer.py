@@ -69,6 +69,22 @@ def _decode_fn(tokenizer: Any, skip_special_tokens: bool,
     )
 
 
+_single_texts_cache: weakref.WeakKeyDictionary[Any, dict[tuple[bool, bool], dict[int, str]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _single_texts(tokenizer: Any, skip_special_tokens: bool, spaces_between_special_tokens: bool) -> dict[int, str]:
+    """A cache, shared by every sample with these options, of one id's text decoded on its own:
+    after each emitted token the window is usually that one id, so its decoding repeats across
+    samples and steps (a second tokenizer call per token without it). Uncacheable tokenizers get
+    a private dict."""
+    try:
+        per_tokenizer = _single_texts_cache.setdefault(tokenizer, {})
+    except TypeError:
+        return {}
+    return per_tokenizer.setdefault((skip_special_tokens, spaces_between_special_tokens), {})
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def decode_token(tokenizer: Any, token_id: int) -> str:
     """The text of one token on its own, as logprobs show it (a partial character reads U+FFFD)."""
@@ -89,8 +105,9 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], params: Any) -> None:
         skip_special_tokens = bool(getattr(params, "skip_special_tokens", True))
-        self._decode = _decode_fn(tokenizer, skip_special_tokens,
-                                  bool(getattr(params, "spaces_between_special_tokens", True)))
+        spaces_between_special_tokens = bool(getattr(params, "spaces_between_special_tokens", True))
+        self._decode = _decode_fn(tokenizer, skip_special_tokens, spaces_between_special_tokens)
+        self._single_texts = _single_texts(tokenizer, skip_special_tokens, spaces_between_special_tokens)
         self._skip_ids = _special_ids(tokenizer) if skip_special_tokens else frozenset()
         stop = getattr(params, "stop", None) or []
         self.stop: list[str] = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
@@ -161,7 +178,13 @@ class IncrementalDetokenizer:
         # The pending ids become the next prefix.
         del ids[: self._read_offset]
         self._read_offset = len(ids)
-        self._prefix_text = self._decode(ids)
+        if len(ids) == 1:
+            prefix_text = self._single_texts.get(ids[0])
+            if prefix_text is None:
+                prefix_text = self._single_texts[ids[0]] = self._decode(ids)
+            self._prefix_text = prefix_text
+        else:
+            self._prefix_text = self._decode(ids)
         return new_text
 
     def _append(self, new_text: str) -> str | None:

@@ -308,3 +308,16 @@ def test_with_sampling_params(tok, prompt_ids):
 
     detok, _, matched = _stream(tok, prompt_ids, tok.encode(TEXT), SamplingParams(stop="Bye"))
     assert matched == "Bye" and detok.output_text == "Hello world. "
+
+
+def test_samples_with_different_options_decode_side_by_side(tok, prompt_ids):
+    """Samples share the cache of single-id texts only with samples of the same options: fed
+    token by token in turn, each still equals the full decode under its own options."""
+    ids = tok.encode(TEXTS[-1] + TEXTS[1], add_special_tokens=False)
+    detoks = {skip: IncrementalDetokenizer(tok, prompt_ids, SimpleNamespace(skip_special_tokens=skip))
+              for skip in (True, False)}
+    for token_id in ids:
+        for detok in detoks.values():
+            detok.update([token_id], stop_terminated=False)
+    for skip, detok in detoks.items():
+        assert detok.output_text == tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
