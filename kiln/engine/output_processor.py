@@ -67,7 +67,8 @@ class ParentState:
                 return False
         return True
 
-    def to_output(self) -> RequestOutput:
+    def to_output(self, finished: bool) -> RequestOutput:
+        """`finished`: `self.finished`, which the caller has already computed this step."""
         samples = sorted(self.samples.values(), key=lambda s: s.index)
         if len(samples) > self.params.n:  # best_of: keep the n most likely samples
             samples = sorted(samples, key=lambda s: -s.cumulative_logprob)[: self.params.n]
@@ -76,7 +77,7 @@ class ParentState:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=self.prompt_logprobs, outputs=[s.to_output() for s in samples],
-            finished=self.finished, num_cached_tokens=self.num_cached_tokens,
+            finished=finished, num_cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -139,7 +140,7 @@ class OutputProcessor:
         for parent_id, parent in touched.items():
             finished = parent.finished
             if finished or not parent.final_only:
-                results.append(parent.to_output())
+                results.append(parent.to_output(finished))
             if finished:
                 self.abort_request(parent_id)
         return results, to_abort

@@ -117,16 +117,13 @@ def _exclusive_build(build_dir: str) -> Iterator[None]:
     its holder. torch's builder guards the directory with a plain `lock` file instead, which a
     process killed mid-build leaves behind, and every later load then waits on it forever (even
     with nothing to rebuild). Holding the flock, any `lock` file found is such a leftover."""
-    with open(os.path.join(build_dir, "kiln-build.flock"), "w") as guard:
+    with open(os.path.join(build_dir, "kiln-build.flock"), "w") as guard:  # closing it unlocks
         fcntl.flock(guard, fcntl.LOCK_EX)
         stale = os.path.join(build_dir, "lock")
         if os.path.exists(stale):
             logger.warning("Removing %s, left by a native kernel build that was interrupted", stale)
             os.remove(stale)
-        try:
-            yield
-        finally:
-            fcntl.flock(guard, fcntl.LOCK_UN)
+        yield
 
 
 def pair_packed_linear() -> Callable[..., torch.Tensor] | None:
