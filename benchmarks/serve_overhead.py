@@ -9,13 +9,16 @@ detokenization. On a GPU serving a small model that is the bottleneck; on this C
 cores from the model.
 
 Reported per run: output tokens/s, and the server's CPU time per output token, split between its
-main thread (the event loop: HTTP and the OpenAI layer), the engine thread (scheduling, the
-runner, the sampler's argmax over the stub logits on one thread, detokenization) and any other.
-CPU time is the steadier figure on a shared 2-core machine: the bench client runs on the same
-cores.
+main thread (the event loop: HTTP and the OpenAI layer), its engine thread (output processing and
+detokenization; with --disable-frontend-multiprocessing also scheduling, the runner and the
+sampler's argmax over the stub logits on one thread), the engine core process (those, by default)
+and any other thread. CPU time is the steadier figure on a shared 2-core machine: the bench client
+runs on the same cores. The core process gets its stub when it imports this file as its main
+module (multiprocessing's spawn does), told the step time by an environment variable.
 
     python benchmarks/serve_overhead.py --concurrency 64 --num-prompts 256
     python benchmarks/serve_overhead.py --concurrency 64 --step-ms 5    # a "GPU" step of 5 ms
+    python benchmarks/serve_overhead.py --concurrency 64 --disable-frontend-multiprocessing
 """
 
 from __future__ import annotations
@@ -35,29 +38,59 @@ KILN_SERVE_FLAGS = ["--load-format", "dummy", "--max-model-len", "2048", "--no-e
                     "--disable-uvicorn-access-log", "--disable-log-stats"]
 
 
-def serve_stubbed(port: int, step_ms: float, tid_file: str, extra: list[str]) -> None:
-    """Run `kiln serve` in this process with every engine's model stubbed right after it is built;
-    the engine thread's native id goes to `tid_file`."""
-    import threading
+STEP_MS_ENV = "KILN_SERVE_OVERHEAD_STEP_MS"
 
+
+def stub_engine_cores(step_ms: float) -> None:
+    """Stub the model of every EngineCore this process builds, right after it is built."""
     import torch
 
-    import kiln.engine.async_llm as async_llm
     from engine_overhead import stub_runner_model
+    from kiln.engine.core import EngineCore
+
+    build = EngineCore.__init__
+
+    def build_stubbed(self: EngineCore, *args, **kwargs) -> None:
+        build(self, *args, **kwargs)
+        # torch's work left (the argmax over stub logits) runs on this thread: an OpenMP team
+        # would spin ~8 ms after every step on a core the event loop needs
+        torch.set_num_threads(1)
+        stub_runner_model(self.worker.model_runner, self.config.model_config.hf_config,
+                          max_rows=4096, step_seconds=step_ms / 1e3)
+
+    EngineCore.__init__ = build_stubbed
+
+
+if __name__ == "__mp_main__" and STEP_MS_ENV in os.environ:  # the engine core process of `kiln serve`
+    stub_engine_cores(float(os.environ[STEP_MS_ENV]))
+
+
+def serve_stubbed(port: int, step_ms: float, tid_file: str, extra: list[str]) -> None:
+    """Run `kiln serve` in this process with every engine core's model stubbed (here, or in the core
+    process it spawns); the native id of the engine thread goes to `tid_file`."""
+    import threading
+
+    import kiln.engine.async_llm as async_llm
     from kiln.cli.main import main
 
-    class StubbedEngine(async_llm.LLMEngine):
+    class RecordedEngine(async_llm.LLMEngine):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            # torch's work left (the argmax over stub logits) runs on this thread: an OpenMP team
-            # would spin ~8 ms after every step on a core the event loop needs
-            torch.set_num_threads(1)
-            stub_runner_model(self.core.worker.model_runner, self.core.config.model_config.hf_config,
-                              max_rows=4096, step_seconds=step_ms / 1e3)
             Path(tid_file).write_text(str(threading.get_native_id()))
 
-    async_llm.LLMEngine = StubbedEngine
+    os.environ[STEP_MS_ENV] = str(step_ms)
+    stub_engine_cores(step_ms)
+    async_llm.LLMEngine = RecordedEngine
     sys.exit(main(["serve", "--port", str(port), *KILN_SERVE_FLAGS, *extra]))
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of all of a process's threads (the engine thread spawns the core process)."""
+    pids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            pids += [int(p) for p in children.read().split()]
+    return pids
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
@@ -127,19 +160,20 @@ def main() -> None:
             wait_ready(port, server, log)
             engine_tid = int(tid_file.read_text())
             bench(port, argparse.Namespace(**{**vars(args), "num_prompts": args.concurrency}), out_dir, seed=99)
+            core_pids = child_pids(server.pid)  # the engine core process, unless it runs in-process
             print(f"{'c':>4} {'tok/s':>8} {'TPOT ms':>8} | server CPU us/token: {'all':>6} {'main':>6} "
-                  f"{'engine':>6} {'other':>6}")
+                  f"{'engine':>6} {'core':>6} {'other':>6}")
             for repeat in range(args.repeats):
                 before = [cpu_seconds(server.pid), cpu_seconds(server.pid, server.pid),
-                          cpu_seconds(server.pid, engine_tid)]
+                          cpu_seconds(server.pid, engine_tid), sum(cpu_seconds(p) for p in core_pids)]
                 result = bench(port, args, out_dir, seed=repeat)
                 after = [cpu_seconds(server.pid), cpu_seconds(server.pid, server.pid),
-                         cpu_seconds(server.pid, engine_tid)]
-                total, main_thread, engine = ((b - a) / result["total_output_tokens"] * 1e6
-                                              for a, b in zip(before, after))
+                         cpu_seconds(server.pid, engine_tid), sum(cpu_seconds(p) for p in core_pids)]
+                frontend, main_thread, engine, core = ((b - a) / result["total_output_tokens"] * 1e6
+                                                       for a, b in zip(before, after))
                 print(f"{args.concurrency:>4} {result['output_throughput']:>8.1f} {result['median_tpot_ms']:>8.2f} | "
-                      f"{'':>20} {total:>6.1f} {main_thread:>6.1f} {engine:>6.1f} "
-                      f"{total - main_thread - engine:>6.1f}", flush=True)
+                      f"{'':>20} {frontend + core:>6.1f} {main_thread:>6.1f} {engine:>6.1f} {core:>6.1f} "
+                      f"{frontend - main_thread - engine:>6.1f}", flush=True)
         finally:
             server.terminate()
             server.wait(timeout=60)

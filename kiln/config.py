@@ -256,6 +256,9 @@ class ServerConfig:
     """Most prompt characters or token ids printed per logged request (None: all)."""
     disable_fastapi_docs: bool = False
     """Disable FastAPI's OpenAPI schema, Swagger UI and ReDoc endpoints."""
+    disable_frontend_multiprocessing: bool = False
+    """Run the engine core on a thread of the server process instead of in a process of its own
+    (which spares the server's event loop and the step loop from taking turns on one GIL)."""
     max_num_queued_reqs: int | None = None
     """Most requests waiting for the engine; past it a request gets 429 at once. None: unbounded."""
     max_request_body_bytes: int = 32 * 2**20

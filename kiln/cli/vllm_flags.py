@@ -99,7 +99,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     _ignored("--num-scheduler-steps", "multi-step scheduling was removed in vLLM", type=int, noop=(1,)),
     _ignored("--scheduler-delay-factor", "deprecated in vLLM; kiln schedules every step", type=float, noop=(0.0,)),
     _ignored("--preemption-mode", "kiln always preempts by recomputing", noop=("recompute",)),
-    _ignored("--disable-frontend-multiprocessing", "kiln's server and engine share one process", "switch"),
     _ignored("--disable-custom-all-reduce", "all-reduce only happens with tensor parallelism", "switch"),
     _ignored("--ray-workers-use-nsight", "kiln has no Ray workers to profile", "switch"),
     _ignored("--use-tqdm-on-load", "kiln always shows its weight-loading progress bar", "switch"),

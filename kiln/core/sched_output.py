@@ -26,6 +26,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     """Tokens whose KV is already in the cache (prefix cache hits)."""
+    eos_token_id: int | None
 
 
 @dataclass(slots=True)

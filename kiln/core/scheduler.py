@@ -299,6 +299,7 @@ class Scheduler:
             sampling_params=request.sampling_params,
             block_ids=self.kv_cache_manager.get_block_ids(request),
             num_computed_tokens=request.num_computed_tokens,
+            eos_token_id=request.eos_token_id,
         )
 
     # ---- after the step ------------------------------------------------------------------

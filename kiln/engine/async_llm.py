@@ -11,6 +11,11 @@ request gets EngineDeadError and later calls fail fast. While no request is in f
 faults in KV cache memory ahead of use, one short piece at a time (`EngineCore.do_idle_work`), so
 a request that arrives then waits ~10 ms at most.
 
+With `core_process` (the server's default) the scheduler, model runner and sampler run in a
+process of their own (core_proc.py) and the engine thread here keeps the output processing
+(detokenization, stop strings): it waits on that process's outputs, and `_send` wakes it so
+additions and aborts go out at once.
+
 The engine is also *built* on its thread. OpenMP gives every thread that starts parallel work its
 own team of workers; had the model been loaded on the main thread, that idle team would count
 against the cores, libgomp would stop spinning between parallel regions, and every step would pay
@@ -40,8 +45,11 @@ logger = init_logger(__name__)
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, core_process: bool = False) -> None:
+        """`core_process`: the engine core runs in a process of its own (core_proc.py); the engine
+        thread here then does the output processing only."""
         self.config = config
+        self._core_process = core_process
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._work = threading.Event()
         self._stopped = False
@@ -57,7 +65,7 @@ class AsyncLLM:
 
     def _main(self) -> None:
         try:
-            self.engine = LLMEngine(self.config)
+            self.engine = LLMEngine(self.config, self._core_process)
         except BaseException as exc:  # reported by __init__ on the caller's thread
             self._build_error = exc
             return
@@ -66,8 +74,8 @@ class AsyncLLM:
         self._run()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        return cls(args.create_engine_config())
+    def from_engine_args(cls, args: EngineArgs, core_process: bool = False) -> AsyncLLM:
+        return cls(args.create_engine_config(), core_process)
 
     @property
     def tokenizer(self) -> Any:
@@ -141,6 +149,7 @@ class AsyncLLM:
     def _send(self, command: str, payload: Any) -> None:
         self._commands.put((command, payload))
         self._work.set()
+        self.engine.core.wake()  # a separate core process's client may be waiting for its outputs
 
     def _apply_commands(self) -> int:
         """Apply queued additions and aborts; returns how many there were."""
@@ -194,6 +203,7 @@ class AsyncLLM:
                         continue
                     self._work.wait(timeout=1.0)
                     self._work.clear()
+                    self.engine.core.check_health()  # a core process that died idle fails /health too
                     continue
                 self._deliver_all([(output.request_id, output) for output in self.engine.step()])
             except BaseException as exc:  # the step loop itself broke: fail every request, stop serving
@@ -201,17 +211,21 @@ class AsyncLLM:
                 self._dead = exc
                 self._deliver_all([(request_id, EngineDeadError(f"The engine failed: {exc}"))
                                    for request_id in list(self._streams)])
+                self.engine.shutdown()
                 return
         self._deliver_all([(request_id, EngineDeadError("The server is shutting down."))
                            for request_id in list(self._streams)])
         self._apply_commands()
         for request_id in list(self.engine.output_processor.parents):
             self.engine.abort_request(request_id)
+        self.engine.shutdown()
 
     def shutdown(self) -> None:
-        """Answer every request in flight with EngineDeadError, free its blocks, stop the step loop."""
+        """Answer every request in flight with EngineDeadError, free its blocks, stop the step loop
+        (and the engine core process, if there is one)."""
         self._stopped = True
         self._work.set()
+        self.engine.core.wake()
         self._thread.join(timeout=30)
 
 

@@ -1,7 +1,8 @@
 """The engine core: the schedule -> execute -> update loop, one step at a time.
 
-It owns the scheduler and the worker. It runs in-process here (offline `LLM`, tests); the
-server wraps the same object. An exception inside a step fails the requests of that step,
+It owns the scheduler and the worker. It runs in the caller's process for the offline `LLM` (and
+for the server with --disable-frontend-multiprocessing); core_proc.py runs the same object in a
+process of its own for the server. An exception inside a step fails the requests of that step,
 not the engine.
 """
 
@@ -14,6 +15,8 @@ from kiln.config import EngineConfig
 from kiln.core.outputs import EngineCoreOutput
 from kiln.core.request import Request, RequestStatus
 from kiln.core.scheduler import Scheduler
+from kiln.core.stats import SchedulerStats
+from kiln.engine.profiler import StepProfiler
 from kiln.logger import init_logger
 from kiln.metrics.stats import IterationStats, RequestStatsTracker
 from kiln.sampling.params import SamplingParams
@@ -37,13 +40,14 @@ class EngineCoreRequest:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, eos_token_id: int | None) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.worker = Worker(config, eos_token_id)
+        self.worker = Worker(config)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.worker.num_blocks)
         self.num_steps = 0
         self.stats_tracker = RequestStatsTracker()
         self._pending_stats = IterationStats()
+        self.profiler = StepProfiler()
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.stats_tracker.on_arrival(request.request_id, request.arrival_time, len(request.prompt_token_ids))
@@ -65,8 +69,27 @@ class EngineCore:
         stats, self._pending_stats = self._pending_stats, IterationStats()
         return stats
 
+    def make_scheduler_stats(self) -> SchedulerStats:
+        return self.scheduler.make_stats()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def check_health(self) -> None:
+        """Nothing to check: this core fails by raising from `step()` (EngineCoreClient's counterpart)."""
+
+    def wake(self) -> None:
+        """Nothing to wake: this core steps on its caller's thread (EngineCoreClient's counterpart)."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop: this core lives in the caller's process (EngineCoreClient's counterpart)."""
+
+    def start_profile(self) -> None:
+        """Trace the steps from now on (needs KILN_TORCH_PROFILER_DIR); call from the stepping thread."""
+        self.profiler.start()
+
+    def stop_profile(self) -> None:
+        self.profiler.stop()
 
     def do_idle_work(self) -> bool:
         """Work for the gaps between requests (faulting in KV cache memory ahead of use), one short

@@ -1,7 +1,9 @@
 """The synchronous engine behind the offline `LLM`: input processing, the core, output processing.
 
 Everything runs in the caller's process and thread; `step()` advances every request by one
-engine step and returns the RequestOutputs that changed.
+engine step and returns the RequestOutputs that changed. The server's AsyncLLM drives the same
+class on its engine thread, with the core either in-process or in its own process
+(`core_process`): then `step()` returns what the core process sent since the last call.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from typing import Any
 from kiln.config import EngineArgs, EngineConfig
 from kiln.core.request import RequestStatus
 from kiln.engine.core import EngineCore, EngineCoreRequest
+from kiln.engine.core_client import EngineCoreClient
 from kiln.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from kiln.engine.output_processor import OutputProcessor
-from kiln.engine.profiler import StepProfiler
 from kiln.logger import init_logger
 from kiln.metrics.stats_logger import StatLogger, StatLoggerProtocol
 from kiln.outputs import RequestOutput
@@ -32,19 +34,27 @@ def resolve_eos_token_id(tokenizer: Any | None, hf_config: Any) -> int | None:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, core_process: bool = False) -> None:
+        """`core_process`: run the engine core in a process of its own (the server's default)."""
         self.config = config
         mc = config.model_config
         start = time.perf_counter()
-        self.tokenizer = None
-        if not mc.skip_tokenizer_init:
-            self.tokenizer = get_tokenizer(mc.tokenizer, mc.trust_remote_code, mc.tokenizer_revision, mc.tokenizer_mode)
+        client = EngineCoreClient(config) if core_process else None  # it loads the model meanwhile
+        try:
+            self.tokenizer = None
+            if not mc.skip_tokenizer_init:
+                self.tokenizer = get_tokenizer(mc.tokenizer, mc.trust_remote_code, mc.tokenizer_revision,
+                                               mc.tokenizer_mode)
+            self.core: EngineCore | EngineCoreClient = (
+                client.connect(self.tokenizer) if client is not None else EngineCore(config))
+        except BaseException:
+            if client is not None:
+                client.shutdown()
+            raise
         self.eos_token_id = resolve_eos_token_id(self.tokenizer, mc.hf_config)
-        self.core = EngineCore(config, self.eos_token_id)
         self.input_processor = InputProcessor(config, self.tokenizer, self.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLoggerProtocol] = [] if config.disable_log_stats else [StatLogger()]
-        self.profiler = StepProfiler()
         logger.info(
             "Engine ready in %.1fs on %s: model %s (%s), dtype %s, max_model_len %d",
             time.perf_counter() - start, config.device_config.device, mc.served_model_name, mc.architecture,
@@ -90,10 +100,10 @@ class LLMEngine:
 
     def start_profile(self) -> None:
         """Trace the steps from now on (needs KILN_TORCH_PROFILER_DIR); call from the stepping thread."""
-        self.profiler.start()
+        self.core.start_profile()
 
     def stop_profile(self) -> None:
-        self.profiler.stop()
+        self.core.stop_profile()
 
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()
@@ -102,11 +112,14 @@ class LLMEngine:
         self.record_stats()
         return request_outputs
 
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
     def record_stats(self) -> None:
         """Hand what happened since the last call to the stat loggers (every step, and when the engine
         goes idle, so gauges such as running requests fall back to 0 after the last abort)."""
         iteration_stats = self.core.take_iteration_stats()  # taken even without loggers: nothing piles up
         if self.stat_loggers:
-            scheduler_stats = self.core.scheduler.make_stats()
+            scheduler_stats = self.core.make_scheduler_stats()
             for stat_logger in self.stat_loggers:
                 stat_logger.record(scheduler_stats, iteration_stats)

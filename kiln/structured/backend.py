@@ -24,9 +24,15 @@ _CACHE_SIZE = 256
 class XgrammarBackend:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.vocab_size = vocab_size
-        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.tokenizer_info = self.tokenizer_info_of(tokenizer, vocab_size)
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, cache_enabled=True)
         self._compile = functools.lru_cache(maxsize=_CACHE_SIZE)(self._compile_uncached)
+
+    @staticmethod
+    def tokenizer_info_of(tokenizer: Any, vocab_size: int) -> xgr.TokenizerInfo:
+        """xgrammar's view of the vocabulary; the engine core process rebuilds compiled grammars over
+        its own, built the same way."""
+        return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """Compile (or fetch from the cache); an invalid constraint raises InvalidRequestError with

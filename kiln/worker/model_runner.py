@@ -70,14 +70,12 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device,
-                 eos_token_id: int | None) -> None:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device) -> None:
         self.config = config
         self.model = model
         self.device = device
         self.block_size = config.cache_config.block_size
         self.vocab_size = config.model_config.vocab_size
-        self.eos_token_id = eos_token_id
         self.sampler = Sampler()
         self.requests: dict[str, RunnerRequestState] = {}
         sc = config.scheduler_config
@@ -98,7 +96,7 @@ class ModelRunner:
             req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
             output_token_ids=list(new.output_token_ids), sampling_params=params,
             num_computed_tokens=new.num_computed_tokens,
-            eos_token_id=self.eos_token_id, generator=generator, grammar=grammar,
+            eos_token_id=new.eos_token_id, generator=generator, grammar=grammar,
         )
 
     def _update_states(self, sched: SchedulerOutput) -> list[str]:

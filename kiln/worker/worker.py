@@ -29,7 +29,7 @@ logger = init_logger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, eos_token_id: int | None) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device_config.device)
         torch.manual_seed(config.model_config.seed)
@@ -42,7 +42,7 @@ class Worker:
             logger.info("Packed %d bfloat16 weight matrices (see model/layers/cpu_gemm.py)", num_packed)
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.model_runner = ModelRunner(config, self.model, self.device, eos_token_id)
+        self.model_runner = ModelRunner(config, self.model, self.device)
         self.num_blocks = self._determine_num_blocks()
         graph_sizes = self.config.model_config.cuda_graph_sizes
         use_graphs = bool(graph_sizes) and cuda_graphs.supported(self.device)

@@ -1,6 +1,6 @@
 """KILN_TORCH_PROFILER_DIR: start/stop around engine steps writes a torch trace of those steps, both
-offline and through the async front (where the profiler must run on the engine thread); without
-the variable, starting is a clear error."""
+offline and through the async front (where the profiler must run where the steps run: on the engine
+thread, or in the engine core process); without the variable, starting is a clear error."""
 
 from __future__ import annotations
 
@@ -47,10 +47,11 @@ def test_offline_profile_traces_the_model_ops(make_llm, monkeypatch, tmp_path):
         llm.stop_profile()
 
 
-def test_async_profile_runs_on_the_engine_thread(cached_weights, monkeypatch, tmp_path):
+@pytest.mark.parametrize("core_process", [False, True], ids=["engine-thread", "core-process"])
+def test_async_profile_runs_where_the_steps_run(cached_weights, monkeypatch, tmp_path, core_process):
     monkeypatch.setenv("KILN_TORCH_PROFILER_DIR", str(tmp_path))
     engine = AsyncLLM.from_engine_args(EngineArgs(dtype="float32", max_model_len=512, kv_cache_memory=0.1,
-                                                  disable_log_stats=True))
+                                                  disable_log_stats=True), core_process=core_process)
 
     async def main():
         await engine.start_profile()

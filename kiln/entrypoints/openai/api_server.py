@@ -271,7 +271,7 @@ def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> None:
     from kiln.engine.async_llm import AsyncLLM
 
     logger.info("kiln %s: starting the OpenAI-compatible server", kiln.__version__)
-    engine = AsyncLLM.from_engine_args(engine_args)
+    engine = AsyncLLM.from_engine_args(engine_args, core_process=not server_config.disable_frontend_multiprocessing)
     try:
         model_config = engine.config.model_config
         names = served_names(engine_args, server_config, model_config.served_model_name)

@@ -1,0 +1,129 @@
+"""The engine core in its own process: the server's scheduler, model runner and sampler run here,
+and the frontend process keeps HTTP, tokenization and detokenization (vLLM's EngineCoreProc).
+
+Two processes stop the event loop and the step loop from taking turns on one GIL: with the model on
+a GPU, a step's host work (scheduling, input preparation, sampling) and the server's per-token work
+(SSE, JSON, detokenization) then run at the same time on two cores.
+
+The loop: apply every message waiting on the pipe (additions, aborts, profiler calls), run a step
+when there is work, send its outputs with the stats of the step; with no work, fault in KV cache
+memory a piece at a time, then block on the pipe. The frontend's end of the pipe closing (it exited
+or was killed) ends the process.
+"""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kiln.config import EngineConfig
+from kiln.core.outputs import EngineCoreOutput
+from kiln.engine.core import EngineCore, EngineCoreRequest
+from kiln.engine.wire import RequestDecoder, dumps, loads
+from kiln.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+def run_engine_core(config: EngineConfig, conn: Connection) -> None:
+    """The core process's main: build the core, report ("ready", num_blocks) or ("failed", text),
+    then serve the frontend until it says shutdown or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the frontend stops us
+    try:
+        core = EngineCore(config)
+    except BaseException:
+        conn.send_bytes(dumps(("failed", traceback.format_exc())))
+        return
+    conn.send_bytes(dumps(("ready", core.worker.num_blocks)))
+    EngineCoreProc(core, config, conn).run()
+
+
+def _load_tokenizer(config: EngineConfig) -> Any:
+    from kiln.tokenizer import get_tokenizer
+
+    mc = config.model_config
+    return get_tokenizer(mc.tokenizer, mc.trust_remote_code, mc.tokenizer_revision, mc.tokenizer_mode)
+
+
+class EngineCoreProc:
+    def __init__(self, core: EngineCore, config: EngineConfig, conn: Connection) -> None:
+        self.core = core
+        self.conn = conn
+        self.decoder = RequestDecoder(config.model_config.vocab_size, lambda: _load_tokenizer(config))
+        self.stopping = False
+        self.aborts_applied = 0
+        """Abort messages applied since the last outputs message, which acknowledges them."""
+
+    def run(self) -> None:
+        idle_work = True
+        try:
+            while not self.stopping:
+                if not self.core.has_unfinished_requests():
+                    if idle_work and not self.conn.poll(0):
+                        idle_work = self.core.do_idle_work()
+                        continue
+                    self.conn.poll(None)
+                self._apply_messages()
+                if self.core.has_unfinished_requests():
+                    self._send_outputs(self.core.step())
+                elif self.aborts_applied:
+                    self._send_outputs([])  # the frontend waits to hear its aborts were applied
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            logger.info("The frontend went away; the engine core process exits")
+        except BaseException:
+            logger.exception("The engine core loop failed; the engine is dead")
+            try:
+                self.conn.send_bytes(dumps(("dead", traceback.format_exc())))
+            except OSError:
+                pass
+
+    def _apply_messages(self) -> None:
+        while not self.stopping and self.conn.poll(0):
+            kind, payload = loads(self.conn.recv_bytes())
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                req_ids, status = payload
+                self.core.abort_requests(req_ids, status)
+                self.aborts_applied += 1
+            elif kind == "call":
+                call_id, method = payload
+                self._reply(call_id, method)
+            elif kind == "shutdown":
+                self.stopping = True
+            else:
+                raise ValueError(f"unknown message {kind!r} from the frontend")
+
+    def _add(self, encoded: list[tuple[str, bytes]]) -> None:
+        """Admit requests, each decoded on its own: one that cannot be (its reasoning parser's class
+        exists only in the frontend, say) is refused alone, with an abort."""
+        refused = []
+        for req_id, data in encoded:
+            try:
+                request: EngineCoreRequest = self.decoder.loads(data)
+            except Exception:
+                logger.exception("Request %s could not be decoded in the engine core process; aborting it", req_id)
+                refused.append(EngineCoreOutput(req_id=req_id, new_token_ids=[], finish_reason="abort"))
+                continue
+            self.core.add_request(request)
+        if refused:
+            self._send_outputs(refused)
+
+    def _reply(self, call_id: int, method: str) -> None:
+        try:
+            getattr(self.core, method)()
+            error: BaseException | None = None
+        except Exception as exc:
+            error = exc
+        try:
+            message = dumps(("reply", (call_id, error)))
+        except Exception:  # an exception that does not pickle
+            message = dumps(("reply", (call_id, RuntimeError(str(error)))))
+        self.conn.send_bytes(message)
+
+    def _send_outputs(self, outputs: list[Any]) -> None:
+        payload = (outputs, self.core.take_iteration_stats(), self.core.make_scheduler_stats(), self.aborts_applied)
+        self.aborts_applied = 0
+        self.conn.send_bytes(dumps(("outputs", payload)))
