@@ -383,7 +383,11 @@ def load_hf_config(path: str, trust_remote_code: bool, revision: str | None) -> 
     from transformers import AutoConfig
 
     if path.endswith(".gguf"):
-        return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        from kiln.gguf_cache import cached_conversion
+
+        return cached_conversion(
+            path, "config", lambda: AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)),
+            AutoConfig.from_pretrained)
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
 
 

@@ -65,14 +65,21 @@ def _load_tokenizer(path: str, trust_remote_code: bool, revision: str | None, to
                               "use_fast": tokenizer_mode != "slow"}
     if download_dir is not None:
         kwargs["cache_dir"] = download_dir
-    if path.endswith(".gguf"):
+    gguf = path.endswith(".gguf")
+    if gguf:
         if not os.path.isfile(path):
             raise InvalidRequestError(f"GGUF file {path!r} does not exist.", param="tokenizer")
         source, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     else:
         source = path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if gguf and tokenizer_mode != "slow":
+            from kiln.gguf_cache import cached_conversion
+
+            tokenizer = cached_conversion(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(source, **kwargs),
+                                          AutoTokenizer.from_pretrained)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for bad inputs
         raise InvalidRequestError(
             f"Cannot load a tokenizer (mode {tokenizer_mode!r}) from {path!r}: {type(e).__name__}: {e}",
