@@ -68,9 +68,8 @@ class EngineCoreClient:
             raise RuntimeError(f"The engine core process failed to start: {exc}") from None
         if kind != "ready":
             self._process.join(timeout=_SHUTDOWN_TIMEOUT_S)
-            raise RuntimeError(f"The engine core process failed to start:\n{payload}")
+            raise payload  # what building the core raised there (say, a KV cache too small)
         self._ready = True
-        self.num_blocks: int = payload
         logger.info("Engine core running in process %d", self._process.pid)
         return self
 

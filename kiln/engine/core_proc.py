@@ -22,21 +22,24 @@ from kiln.config import EngineConfig
 from kiln.core.outputs import EngineCoreOutput
 from kiln.engine.core import EngineCore, EngineCoreRequest
 from kiln.engine.wire import RequestDecoder, dumps, loads
+from kiln.errors import KilnError
 from kiln.logger import init_logger
 
 logger = init_logger(__name__)
 
 
 def run_engine_core(config: EngineConfig, conn: Connection) -> None:
-    """The core process's main: build the core, report ("ready", num_blocks) or ("failed", text),
+    """The core process's main: build the core, report ("ready", None) or ("failed", the exception),
     then serve the frontend until it says shutdown or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the frontend stops us
     try:
         core = EngineCore(config)
-    except BaseException:
-        conn.send_bytes(dumps(("failed", traceback.format_exc())))
+    except Exception as exc:  # raised again in the frontend: a KilnError stays one clear line
+        if not isinstance(exc, KilnError):  # a bug: its traceback stays here, in the log
+            logger.exception("Building the engine core failed")
+        conn.send_bytes(dumps(("failed", _picklable(exc))))
         return
-    conn.send_bytes(dumps(("ready", core.worker.num_blocks)))
+    conn.send_bytes(dumps(("ready", None)))
     EngineCoreProc(core, config, conn).run()
 
 
@@ -117,13 +120,18 @@ class EngineCoreProc:
             error: BaseException | None = None
         except Exception as exc:
             error = exc
-        try:
-            message = dumps(("reply", (call_id, error)))
-        except Exception:  # an exception that does not pickle
-            message = dumps(("reply", (call_id, RuntimeError(str(error)))))
-        self.conn.send_bytes(message)
+        self.conn.send_bytes(dumps(("reply", (call_id, _picklable(error)))))
 
     def _send_outputs(self, outputs: list[Any]) -> None:
         payload = (outputs, self.core.take_iteration_stats(), self.core.make_scheduler_stats(), self.aborts_applied)
         self.aborts_applied = 0
         self.conn.send_bytes(dumps(("outputs", payload)))
+
+
+def _picklable(exc: BaseException | None) -> BaseException | None:
+    """`exc` if it survives pickling, else a RuntimeError with its text and type."""
+    try:
+        loads(dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")

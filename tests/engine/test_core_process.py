@@ -17,7 +17,7 @@ import pytest
 from kiln import SamplingParams
 from kiln.config import EngineArgs
 from kiln.engine.async_llm import AsyncLLM
-from kiln.errors import EngineDeadError
+from kiln.errors import EngineDeadError, InvalidRequestError
 from kiln.structured.params import StructuredOutputsParams
 
 pytestmark = pytest.mark.slow
@@ -143,6 +143,13 @@ def test_a_request_that_cannot_cross_fails_alone(engine, monkeypatch):
     assert unpicklable_out.outputs[0].finish_reason == "abort"
     assert len(fine.outputs[0].token_ids) == 4 and not engine.is_dead
     _wait_until_idle(engine)
+
+
+def test_a_build_error_reaches_the_caller_as_itself():
+    """An InvalidRequestError raised while the core process builds the engine (here: a KV cache too
+    small for max_model_len) is raised by AsyncLLM's constructor, so `kiln serve` prints one line."""
+    with pytest.raises(InvalidRequestError, match="fewer than max_model_len"):
+        AsyncLLM.from_engine_args(EngineArgs(**{**ARGS, "kv_cache_memory": 0.0001}), core_process=True)
 
 
 @pytest.mark.parametrize("busy", [True, False], ids=["mid-request", "idle"])
