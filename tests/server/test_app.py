@@ -502,6 +502,36 @@ def test_startup_report_gives_time_since_launch_and_peak_rss():
     assert abs(int(match[2]) - resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) < 64
 
 
+def test_startup_report_counts_the_child_processes():
+    """The engine core runs in a child process: its memory counts. A child holding 256 MiB adds
+    at least that, and not much more than its own peak as psutil sees it."""
+    import re
+    import subprocess
+    import sys
+
+    import psutil
+
+    from kiln.entrypoints.openai.api_server import startup_report
+
+    def reported() -> int:
+        match = re.search(r"peak RSS (\d+) MiB", startup_report())
+        assert match, startup_report()
+        return int(match[1])
+
+    alone = reported()
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(256 << 20); "
+                              "print(flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # the memory is touched
+        child_mib = psutil.Process(child.pid).memory_info().rss / 2**20
+        with_child = reported()
+    finally:
+        child.communicate(b"")
+    assert child_mib >= 256
+    assert child_mib - 8 <= with_child - alone <= child_mib + 64
+
+
 def test_a_lagging_reader_gets_merged_outputs_with_the_whole_text(tokenizer):
     """Outputs that arrive while the reader is busy are merged (they are cumulative): the reader
     sees the latest per request, and nothing is lost."""

