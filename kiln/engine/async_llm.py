@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kiln.config import EngineArgs, EngineConfig
+from kiln.engine.core_client import EngineCoreClient
 from kiln.engine.input_processor import PromptType
 from kiln.engine.llm_engine import LLMEngine
 from kiln.errors import EngineDeadError
@@ -45,11 +46,11 @@ logger = init_logger(__name__)
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, core_process: bool = False) -> None:
-        """`core_process`: the engine core runs in a process of its own (core_proc.py); the engine
-        thread here then does the output processing only."""
+    def __init__(self, config: EngineConfig, core_client: EngineCoreClient | None = None) -> None:
+        """`core_client`: the engine core runs in the process that client started (core_proc.py);
+        the engine thread here then does the output processing only."""
         self.config = config
-        self._core_process = core_process
+        self._core_client = core_client
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._work = threading.Event()
         self._stopped = False
@@ -65,7 +66,7 @@ class AsyncLLM:
 
     def _main(self) -> None:
         try:
-            self.engine = LLMEngine(self.config, self._core_process)
+            self.engine = LLMEngine(self.config, self._core_client)
         except BaseException as exc:  # reported by __init__ on the caller's thread
             self._build_error = exc
             return
@@ -75,7 +76,16 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, core_process: bool = False) -> AsyncLLM:
-        return cls(args.create_engine_config(), core_process)
+        """`core_process`: the engine core in a process of its own, started first so that its
+        imports overlap building the config here."""
+        client = EngineCoreClient() if core_process else None
+        try:
+            config = args.create_engine_config()
+        except BaseException:
+            if client is not None:
+                client.shutdown()
+            raise
+        return cls(config, client)
 
     @property
     def tokenizer(self) -> Any:

@@ -33,12 +33,15 @@ _SHUTDOWN_TIMEOUT_S = 10.0
 
 
 class EngineCoreClient:
-    def __init__(self, config: EngineConfig) -> None:
-        """Start the core process; it loads the model while the caller loads the tokenizer, and
-        `connect()` then waits for it."""
+    """Started in three moves, so that the core process's work overlaps the frontend's: the
+    constructor starts the process (its imports run while the caller builds the EngineConfig),
+    `start(config)` has it build the engine core (the model loads while the caller loads the
+    tokenizer), and `connect(tokenizer)` waits for it."""
+
+    def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe(duplex=True)
-        self._process = context.Process(target=run_engine_core, args=(config, child_conn),
+        self._process = context.Process(target=run_engine_core, args=(child_conn,),
                                         name="kiln-engine-core", daemon=True)
         self._process.start()
         child_conn.close()  # ours closed, the pipe reads EOF once the child's end goes
@@ -57,6 +60,9 @@ class EngineCoreClient:
         self._dead: str | None = None
         self._closed = False
         self._wake_lock = threading.Lock()
+
+    def start(self, config: EngineConfig) -> None:
+        self._send_raw(dumps(config))
 
     def connect(self, tokenizer: Any | None) -> EngineCoreClient:
         """Wait until the core process has built its engine core; `tokenizer` is the frontend's
@@ -173,10 +179,13 @@ class EngineCoreClient:
             raise error
 
     def _send(self, message: tuple[str, Any]) -> None:
+        self._send_raw(dumps(message))
+
+    def _send_raw(self, data: bytes) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         try:
-            self._conn.send_bytes(dumps(message))
+            self._conn.send_bytes(data)
         except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
             raise self._died(exc) from exc
 

@@ -13,6 +13,7 @@ or was killed) ends the process.
 
 from __future__ import annotations
 
+import importlib
 import signal
 import traceback
 from multiprocessing.connection import Connection
@@ -28,10 +29,17 @@ from kiln.logger import init_logger
 logger = init_logger(__name__)
 
 
-def run_engine_core(config: EngineConfig, conn: Connection) -> None:
-    """The core process's main: build the core, report ("ready", None) or ("failed", the exception),
-    then serve the frontend until it says shutdown or goes away."""
+def run_engine_core(conn: Connection) -> None:
+    """The core process's main: wait for the EngineConfig (the frontend starts this process before
+    it has one, so these imports overlap its own), build the core, report ("ready", None) or
+    ("failed", the exception), then serve the frontend until it says shutdown or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the frontend stops us
+    importlib.import_module("transformers.configuration_utils")  # what unpickling the config needs
+
+    try:
+        config: EngineConfig = loads(conn.recv_bytes())
+    except EOFError:  # the frontend gave up before sending one
+        return
     try:
         core = EngineCore(config)
     except Exception as exc:  # raised again in the frontend: a KilnError stays one clear line

@@ -3,7 +3,7 @@
 Everything runs in the caller's process and thread; `step()` advances every request by one
 engine step and returns the RequestOutputs that changed. The server's AsyncLLM drives the same
 class on its engine thread, with the core either in-process or in its own process
-(`core_process`): then `step()` returns what the core process sent since the last call.
+(`core_client`): then `step()` returns what the core process sent since the last call.
 """
 
 from __future__ import annotations
@@ -34,13 +34,16 @@ def resolve_eos_token_id(tokenizer: Any | None, hf_config: Any) -> int | None:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, core_process: bool = False) -> None:
-        """`core_process`: run the engine core in a process of its own (the server's default)."""
+    def __init__(self, config: EngineConfig, core_client: EngineCoreClient | None = None) -> None:
+        """`core_client`: run the engine core in the process that client started (the server's
+        default), not in this one."""
         self.config = config
         mc = config.model_config
         start = time.perf_counter()
-        client = EngineCoreClient(config) if core_process else None  # it loads the model meanwhile
+        client = core_client
         try:
+            if client is not None:
+                client.start(config)  # the model loads there while the tokenizer loads here
             self.tokenizer = None
             if not mc.skip_tokenizer_init:
                 self.tokenizer = get_tokenizer(mc.tokenizer, mc.trust_remote_code, mc.tokenizer_revision,
