@@ -130,7 +130,7 @@ class EngineCoreProc:
             error = exc
         self.conn.send_bytes(dumps(("reply", (call_id, _picklable(error)))))
 
-    def _send_outputs(self, outputs: list[Any]) -> None:
+    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         payload = (outputs, self.core.take_iteration_stats(), self.core.make_scheduler_stats(), self.aborts_applied)
         self.aborts_applied = 0
         self.conn.send_bytes(dumps(("outputs", payload)))
