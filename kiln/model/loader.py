@@ -152,9 +152,9 @@ def _gguf_weights(path: str, hf_config: Any, model: nn.Module) -> tuple[Weights,
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(path)
-    arch_field = reader.fields["general.architecture"]
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    from kiln.model.gguf_index import read_gguf_tensors
+
+    arch, tensors = read_gguf_tensors(path)
     arch_ids = [key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch]
     if not arch_ids:
         raise UnsupportedFeatureError(f"GGUF architecture {arch!r} is not supported.")
@@ -169,7 +169,7 @@ def _gguf_weights(path: str, hf_config: Any, model: nn.Module) -> tuple[Weights,
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
 
     def weights() -> Weights:
-        for tensor in reader.tensors:
+        for tensor in tensors:
             if tensor.name.startswith("rope_freqs"):  # llama3 rope factors, already in the config
                 continue
             array = gguf.dequantize(tensor.data, tensor.tensor_type)
@@ -181,7 +181,7 @@ def _gguf_weights(path: str, hf_config: Any, model: nn.Module) -> tuple[Weights,
                 array = array.copy()
             yield gguf_to_hf.get(tensor.name, tensor.name), torch.from_numpy(np.ascontiguousarray(array))
 
-    return weights(), len(reader.tensors)
+    return weights(), len(tensors)
 
 
 def _unpermute_qk(weights: Any, num_heads: int) -> Any:
