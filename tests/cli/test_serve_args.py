@@ -230,6 +230,14 @@ def test_boolean_flags_and_their_negations(served):
     assert serve(served, "--enable-prefix-caching")[0].enable_prefix_caching
 
 
+def test_frontend_multiprocessing_is_on_unless_disabled(served, warnings_log):
+    """--disable-frontend-multiprocessing is a working flag now (the engine core on a thread of the
+    server process), not a deprecated no-op: no warning."""
+    assert not serve(served)[1].disable_frontend_multiprocessing
+    assert serve(served, "--disable-frontend-multiprocessing")[1].disable_frontend_multiprocessing
+    assert "disable-frontend-multiprocessing" not in warnings_log.text
+
+
 def test_log_requests_enable_and_disable_agree(served):
     assert not serve(served)[1].enable_log_requests
     assert serve(served, "--enable-log-requests")[1].enable_log_requests
