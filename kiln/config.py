@@ -31,7 +31,8 @@ def env_cpu_kv_cache_gib() -> float:
 
 
 def env_cache_root() -> str:
-    """`KILN_CACHE_ROOT`: where kiln keeps what it builds once per machine (native kernels)."""
+    """`KILN_CACHE_ROOT`: where kiln keeps what it builds once per machine (native kernels, GGUF
+    files' converted configs and tokenizers)."""
     return os.environ.get("KILN_CACHE_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
 
 
