@@ -40,19 +40,18 @@ class LLMEngine:
         self.config = config
         mc = config.model_config
         start = time.perf_counter()
-        client = core_client
         try:
-            if client is not None:
-                client.start(config)  # the model loads there while the tokenizer loads here
+            if core_client is not None:
+                core_client.start(config)  # the model loads there while the tokenizer loads here
             self.tokenizer = None
             if not mc.skip_tokenizer_init:
                 self.tokenizer = get_tokenizer(mc.tokenizer, mc.trust_remote_code, mc.tokenizer_revision,
                                                mc.tokenizer_mode)
             self.core: EngineCore | EngineCoreClient = (
-                client.connect(self.tokenizer) if client is not None else EngineCore(config))
+                core_client.connect(self.tokenizer) if core_client is not None else EngineCore(config))
         except BaseException:
-            if client is not None:
-                client.shutdown()
+            if core_client is not None:
+                core_client.shutdown()
             raise
         self.eos_token_id = resolve_eos_token_id(self.tokenizer, mc.hf_config)
         self.input_processor = InputProcessor(config, self.tokenizer, self.eos_token_id)
