@@ -17,7 +17,6 @@ import importlib
 import signal
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
 
 from kiln.config import EngineConfig
 from kiln.core.outputs import EngineCoreOutput
@@ -25,6 +24,7 @@ from kiln.engine.core import EngineCore, EngineCoreRequest
 from kiln.engine.wire import RequestDecoder, dumps, loads
 from kiln.errors import KilnError
 from kiln.logger import init_logger
+from kiln.tokenizer import tokenizer_for
 
 logger = init_logger(__name__)
 
@@ -51,18 +51,11 @@ def run_engine_core(conn: Connection) -> None:
     EngineCoreProc(core, config, conn).run()
 
 
-def _load_tokenizer(config: EngineConfig) -> Any:
-    from kiln.tokenizer import get_tokenizer
-
-    mc = config.model_config
-    return get_tokenizer(mc.tokenizer, mc.trust_remote_code, mc.tokenizer_revision, mc.tokenizer_mode)
-
-
 class EngineCoreProc:
     def __init__(self, core: EngineCore, config: EngineConfig, conn: Connection) -> None:
         self.core = core
         self.conn = conn
-        self.decoder = RequestDecoder(config.model_config.vocab_size, lambda: _load_tokenizer(config))
+        self.decoder = RequestDecoder(config.model_config.vocab_size, lambda: tokenizer_for(config.model_config))
         self.stopping = False
         self.aborts_applied = 0
         """Abort messages applied since the last outputs message, which acknowledges them."""

@@ -9,7 +9,6 @@ class on its engine thread, with the core either in-process or in its own proces
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from kiln.config import EngineArgs, EngineConfig
 from kiln.core.request import RequestStatus
@@ -21,16 +20,9 @@ from kiln.logger import init_logger
 from kiln.metrics.stats_logger import StatLogger, StatLoggerProtocol
 from kiln.outputs import RequestOutput
 from kiln.sampling.params import SamplingParams
-from kiln.tokenizer import get_tokenizer
+from kiln.tokenizer import eos_token_id_of, tokenizer_for
 
 logger = init_logger(__name__)
-
-
-def resolve_eos_token_id(tokenizer: Any | None, hf_config: Any) -> int | None:
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
-    return eos[0] if isinstance(eos, list) and eos else eos
 
 
 class LLMEngine:
@@ -43,17 +35,14 @@ class LLMEngine:
         try:
             if core_client is not None:
                 core_client.start(config)  # the model loads there while the tokenizer loads here
-            self.tokenizer = None
-            if not mc.skip_tokenizer_init:
-                self.tokenizer = get_tokenizer(mc.tokenizer, mc.trust_remote_code, mc.tokenizer_revision,
-                                               mc.tokenizer_mode)
+            self.tokenizer = tokenizer_for(mc)
             self.core: EngineCore | EngineCoreClient = (
                 core_client.connect(self.tokenizer) if core_client is not None else EngineCore(config))
         except BaseException:
             if core_client is not None:
                 core_client.shutdown()
             raise
-        self.eos_token_id = resolve_eos_token_id(self.tokenizer, mc.hf_config)
+        self.eos_token_id = eos_token_id_of(self.tokenizer, mc.hf_config)
         self.input_processor = InputProcessor(config, self.tokenizer, self.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLoggerProtocol] = [] if config.disable_log_stats else [StatLogger()]

@@ -29,7 +29,8 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
     "padding", "truncation", "max_length", "messages",
 })
 
-__all__ = ["TOKENIZER_MODES", "eos_token_id_of", "get_tokenizer", "load_chat_template", "render_chat"]
+__all__ = ["TOKENIZER_MODES", "eos_token_id_of", "get_tokenizer", "load_chat_template", "render_chat",
+           "tokenizer_for"]
 
 
 def get_tokenizer(
@@ -87,6 +88,15 @@ def _load_tokenizer(path: str, trust_remote_code: bool, revision: str | None, to
         ) from e
     logger.info("Loaded tokenizer %s from %s (vocab %d)", type(tokenizer).__name__, path, len(tokenizer))
     return tokenizer
+
+
+def tokenizer_for(model_config: Any) -> PreTrainedTokenizerBase | None:
+    """The tokenizer a ModelConfig names (None with skip_tokenizer_init): the frontend's, and the
+    engine core process's copy."""
+    if model_config.skip_tokenizer_init:
+        return None
+    return get_tokenizer(model_config.tokenizer, model_config.trust_remote_code, model_config.tokenizer_revision,
+                         model_config.tokenizer_mode)
 
 
 def eos_token_id_of(tokenizer: PreTrainedTokenizerBase | None, hf_config: Any = None) -> int | None:
