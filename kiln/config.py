@@ -181,6 +181,8 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_model_len: int = 2048
     policy: Literal["fcfs", "priority"] = "fcfs"
+    async_scheduling: bool = False
+    """Schedule and launch step N+1 before reading step N back (see core/scheduler.py)."""
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
@@ -449,6 +451,10 @@ class EngineArgs:
     """Most logprobs a request may ask for (logprobs and prompt_logprobs)."""
     scheduling_policy: str = "fcfs"
     """fcfs, or priority (lower value first; arrival breaks ties)."""
+    async_scheduling: bool = False
+    """Overlap the host's work for each step (scheduling, inputs, outputs) with the device's work on the
+    step before. Pays on CUDA; on CPU the model runs on the host's own cores, so there is nothing to
+    overlap, and each output would only arrive a step later."""
     enable_chunked_prefill: bool | None = None
     """kiln always chunks long prompts under --max-num-batched-tokens; true is accepted, false is refused."""
     tensor_parallel_size: int = 1
@@ -544,6 +550,9 @@ class EngineArgs:
         max_num_seqs = self.max_num_seqs or (256 if on_gpu else 128)
         if self.cuda_graph_sizes and not on_gpu:
             logger.warning("--cuda-graph-sizes has no effect on %s: CUDA graphs exist only on CUDA.", device)
+        if self.async_scheduling and not on_gpu:
+            logger.warning("--async-scheduling on %s: the model runs on the host's cores, so there is nothing to "
+                           "overlap; each output only arrives a step later.", device)
         model_config = ModelConfig(
             model=model_path, tokenizer=tokenizer_path, hf_config=hf_config,
             dtype=_resolve_dtype(self.dtype, hf_config, device), max_model_len=max_model_len,
@@ -575,6 +584,7 @@ class EngineArgs:
             scheduler_config=SchedulerConfig(
                 max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,
                 max_model_len=max_model_len, policy=self.scheduling_policy,  # type: ignore[arg-type]
+                async_scheduling=self.async_scheduling,
             ),
             load_config=LoadConfig(load_format=load_format, download_dir=self.download_dir),  # type: ignore[arg-type]
             device_config=DeviceConfig(device=device),  # type: ignore[arg-type]

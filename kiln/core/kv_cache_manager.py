@@ -80,7 +80,7 @@ class KVCacheManager:
         new_computed_blocks: list[KVCacheBlock] | None = None,
         num_new_computed_tokens: int = 0,
     ) -> list[int] | None:
-        """Make the request's table cover computed + new-computed + `num_new_tokens` tokens.
+        """Make the request's table cover started (computed or in flight) + new-computed + `num_new_tokens` tokens.
 
         `new_computed_blocks` are prefix hits from `get_computed_blocks` (only at admission).
         Returns the ids of the blocks appended to the table by this call (hits first, then fresh
@@ -88,13 +88,13 @@ class KVCacheManager:
         """
         if not new_computed_blocks:
             req_blocks = self.req_to_blocks.get(request.request_id)
-            if req_blocks and request.num_computed_tokens + num_new_tokens <= len(req_blocks) * self.block_size:
+            if req_blocks and request.num_started_tokens + num_new_tokens <= len(req_blocks) * self.block_size:
                 return []  # most decode steps: the last block still has room
         new_computed_blocks = new_computed_blocks or []
         assert num_new_computed_tokens == len(new_computed_blocks) * self.block_size, "hits must be full blocks"
         req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
         assert not new_computed_blocks or not req_blocks, "prefix hits are only taken at admission"
-        num_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        num_tokens = request.num_started_tokens + num_new_computed_tokens + num_new_tokens
         num_required_blocks = -(-num_tokens // self.block_size)
         num_new_blocks = max(0, num_required_blocks - len(req_blocks) - len(new_computed_blocks))
         # Hits on free blocks leave the free queue too, so they count against what is free.

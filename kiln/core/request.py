@@ -1,7 +1,9 @@
 """One generation request as the scheduler sees it: its tokens, its progress, its state.
 
 Owns the request state machine (`RequestStatus`) and `num_computed_tokens`, the number of
-leading tokens whose KV is in the cache. The scheduler drives every transition; the KV cache
+leading tokens whose KV is in the cache. With asynchronous scheduling a request can be scheduled
+again before its last step's results are back: `num_in_flight_tokens` and
+`num_output_placeholders` count what that step will add. The scheduler drives every transition; the KV cache
 manager owns the request's blocks. Pure Python: must not import torch.
 
     WAITING --schedule--> RUNNING --finish--> FINISHED_STOPPED | FINISHED_LENGTH_CAPPED
@@ -83,6 +85,10 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_in_flight_tokens = 0
+        """Tokens of steps scheduled but not yet processed (async scheduling; 0 between sync steps)."""
+        self.num_output_placeholders = 0
+        """Tokens those steps will sample, whose ids are not known yet."""
         self.num_cached_tokens = -1
         """Prefix-cache hit tokens at first scheduling; -1 until then."""
         self.status = RequestStatus.WAITING
@@ -101,6 +107,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_started_tokens(self) -> int:
+        """Tokens computed or being computed: where the next step starts."""
+        return self.num_computed_tokens + self.num_in_flight_tokens
 
     @property
     def is_finished(self) -> bool:

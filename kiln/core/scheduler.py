@@ -7,6 +7,14 @@ tokens first (a decode, or the next prefill chunk), then waiting requests are ad
 budget, cap and KV blocks last. When a running request cannot get a block, the lowest-priority
 running request is preempted by recompute. `update_from_output` advances computed tokens,
 appends sampled tokens, applies the stop rules and frees finished requests.
+
+Asynchronous scheduling (`--async-scheduling`, as vLLM's): the engine core schedules step N+1
+before it has processed step N's output, so that the device never waits for the host. A request
+then runs from `num_started_tokens` (computed plus in flight), and a token step N will sample
+counts as a placeholder: step N+1 decodes it without knowing its id (the runner feeds it from the
+device). A request whose placeholders reach its length cap is not scheduled again; one that step
+N finds stopped (EOS, a stop token) has run one step too many, whose output is dropped. In
+synchronous mode every step is processed before the next is scheduled, so both counts are 0 there.
 Pure Python, deterministic, no torch.
 """
 
@@ -192,8 +200,9 @@ class Scheduler:
         req_index = 0
         while req_index < len(self.running) and token_budget > 0:
             request = self.running[req_index]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            if num_new_tokens <= 0:
+            num_new_tokens = min(request.num_tokens + request.num_output_placeholders - request.num_started_tokens,
+                                 token_budget)
+            if num_new_tokens <= 0 or self._reaches_length_cap(request):
                 req_index += 1
                 continue
             while True:
@@ -220,18 +229,25 @@ class Scheduler:
             token_budget -= num_new_tokens
             req_index += 1
 
+        cached_reqs = [
+            CachedRequestData(r.request_id, new_block_ids[r.request_id], r.num_started_tokens)
+            for r in scheduled_running
+        ]
+        for request in scheduled_running:
+            self._start(request, num_scheduled_tokens[request.request_id])
+
         # Then waiting requests, unless blocks just ran out for a running one.
         scheduled_new: list[Request] = []
         if num_preempted == 0:
             token_budget = self._admit_waiting(token_budget, num_scheduled_tokens, scheduled_new)
 
+        new_reqs = [self._new_request_data(request) for request in scheduled_new]
+        for request in scheduled_new:
+            self._start(request, num_scheduled_tokens[request.request_id])
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         return SchedulerOutput(
-            scheduled_new_reqs=[self._new_request_data(request) for request in scheduled_new],
-            scheduled_cached_reqs=[
-                CachedRequestData(r.request_id, new_block_ids[r.request_id], r.num_computed_tokens)
-                for r in scheduled_running
-            ],
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=num_scheduled_tokens,
             total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
             finished_req_ids=finished_req_ids,
@@ -266,6 +282,24 @@ class Scheduler:
         self.waiting.prepend(skipped)
         return token_budget
 
+    @staticmethod
+    def _start(request: Request, num_tokens: int) -> None:
+        """Count a scheduled step's tokens in flight, and its sampled token, if it reaches the end,
+        as a placeholder."""
+        if request.num_started_tokens + num_tokens >= request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1
+        request.num_in_flight_tokens += num_tokens
+
+    def _reaches_length_cap(self, request: Request) -> bool:
+        """Whether the tokens already sampled or in flight end the request by length (only possible
+        with placeholders: without them such a request has finished)."""
+        if not request.num_output_placeholders:
+            return False
+        max_tokens = request.max_tokens
+        return (max_tokens is not None
+                and request.num_output_tokens + request.num_output_placeholders >= max_tokens) or (
+            request.num_tokens + request.num_output_placeholders >= self.max_model_len)
+
     def _must_wait_for_leader(self, request: Request) -> bool:
         """n>1 samples wait until their leader's prompt is computed, so that they hit its blocks."""
         if request.prefill_leader_id is None:
@@ -285,6 +319,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_in_flight_tokens = 0  # a step still running for it is dropped when processed
+        request.num_output_placeholders = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.prepend([request])
@@ -310,7 +346,8 @@ class Scheduler:
         """Advance computed tokens, append sampled ones, apply stop rules, free finished requests.
 
         Returns an output for every request that got tokens or prompt logprobs or finished.
-        Requests aborted while the step ran are skipped (their abort is reported by the caller).
+        Requests aborted while the step ran are skipped (their abort is reported by the caller), as
+        are, with async scheduling, those an earlier step stopped or that were preempted since.
         """
         row_of = {req_id: i for i, req_id in enumerate(runner_output.req_ids)}
         outputs: list[EngineCoreOutput] = []
@@ -320,8 +357,10 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += num_tokens
+            request.num_in_flight_tokens -= num_tokens
             row = row_of.get(req_id)
             sampled = runner_output.sampled_token_ids[row] if row is not None else []
+            request.num_output_placeholders -= len(sampled)
             new_token_ids = self._append_and_check_stop(request, sampled)
             self.kv_cache_manager.cache_computed_blocks(request)
             prompt_logprobs = runner_output.prompt_logprobs.get(req_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kiln.sampling.metadata import SamplingMetadata
+from kiln.transfer import to_device
 
 
 def has_logits_processors(metadata: SamplingMetadata) -> bool:
@@ -43,7 +44,7 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
 
 def _ban(logits: torch.Tensor, rows: list[int], token_ids: list[int]) -> None:
     if rows:
-        index = torch.tensor([rows, token_ids], dtype=torch.int64).to(logits.device, non_blocking=True)
+        index = to_device(torch.tensor([rows, token_ids], dtype=torch.int64), logits.device)
         logits[index[0], index[1]] = float("-inf")
 
 

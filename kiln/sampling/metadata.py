@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.sampling.params import SamplingParams, SamplingType
+from kiln.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -85,12 +86,12 @@ class SamplingMetadata:
                 [1.0 if t == SamplingType.GREEDY else p.temperature for p, t in zip(params, types)], device
             )
             if not all_random:
-                greedy_mask = torch.tensor([t == SamplingType.GREEDY for t in types], dtype=torch.bool, device=device)
+                greedy_mask = to_device(torch.tensor([t == SamplingType.GREEDY for t in types], dtype=torch.bool), device)
             if any(p.top_p < 1.0 for p in params):
                 top_p = _f32([p.top_p for p in params], device)
             ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
             if any(k < vocab_size for k in ks):
-                top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+                top_k = to_device(torch.tensor(ks, dtype=torch.int64), device)
                 max_top_k = max(k for k in ks if k < vocab_size)
             if any(p.min_p > 0.0 for p in params):
                 min_p = _f32([p.min_p for p in params], device)
@@ -161,20 +162,19 @@ class SamplingMetadata:
                     self.min_tokens[i] = (p.min_tokens, banned)
         if bias_rows:
             self.logit_bias = (
-                torch.tensor(bias_rows, dtype=torch.int64, device=device),
-                torch.tensor(bias_ids, dtype=torch.int64, device=device),
-                torch.tensor(bias_values, dtype=torch.float32, device=device),
+                to_device(torch.tensor(bias_rows, dtype=torch.int64), device),
+                to_device(torch.tensor(bias_ids, dtype=torch.int64), device),
+                to_device(torch.tensor(bias_values, dtype=torch.float32), device),
             )
         if allowed_rows:
-            mask = torch.zeros(self.num_rows, vocab_size, dtype=torch.bool, device=device)
-            mask[torch.tensor(allowed_rows, dtype=torch.int64, device=device)] = True
-            mask[torch.tensor(allowed_pairs[0], dtype=torch.int64, device=device),
-                 torch.tensor(allowed_pairs[1], dtype=torch.int64, device=device)] = False
-            self.allowed_token_ids_mask = mask
+            mask = torch.zeros(self.num_rows, vocab_size, dtype=torch.bool)
+            mask[torch.tensor(allowed_rows, dtype=torch.int64)] = True
+            mask[torch.tensor(allowed_pairs[0], dtype=torch.int64), torch.tensor(allowed_pairs[1], dtype=torch.int64)] = False
+            self.allowed_token_ids_mask = to_device(mask, device)
 
 
 def _f32(values: list[float], device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:
@@ -184,4 +184,4 @@ def _pad(seqs: list[list[int]], pad_id: int, device: torch.device | str) -> torc
     for i, seq in enumerate(seqs):
         if seq:
             out[i, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
-    return out.to(device, non_blocking=True)
+    return to_device(out, device)

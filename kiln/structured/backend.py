@@ -74,6 +74,12 @@ class GrammarState:
     def for_compiled(cls, compiled: xgr.CompiledGrammar, reasoning_gate: Any = None) -> GrammarState:
         return cls(xgr.GrammarMatcher(compiled), reasoning_gate)
 
+    @property
+    def masks_next_token(self) -> bool:
+        """False before the gate opens and after the grammar accepted a stop token (with async
+        scheduling the request may run one more step, whose token is dropped)."""
+        return self.constraining and not self.matcher.is_terminated()
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 

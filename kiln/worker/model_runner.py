@@ -6,6 +6,14 @@ into one batch without padding, runs the model
 once (decode steps: by replaying a CUDA graph when the worker captured them), computes logits
 only for the rows that are sampled (plus prompt rows when prompt logprobs are asked for), and
 samples.
+
+`launch` queues a step and returns a `LaunchedStep` whose `result()` reads its sampled tokens back
+to the host; `execute_model` does both at once. With asynchronous scheduling the engine core
+launches step N+1 before it reads step N, so the host prepares the next step while the device
+computes: a request's token that step N sampled is then fed to step N+1 on the device, its id
+unknown to the host (a pending token). Rows whose sampling reads their own earlier tokens
+(penalties, bad words, min_tokens, a grammar) cannot wait for that: a step with such a row reads
+the previous step back first.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
 from kiln.sampling.sampler import Sampler, SamplerOutput, gather_logprobs, to_logprobs_lists
 from kiln.structured.backend import GrammarState, allocate_bitmask, apply_bitmask
+from kiln.transfer import to_device
 from kiln.worker.block_table import BlockTables
 from kiln.worker.cuda_graphs import DecodeGraphs
 
@@ -42,6 +51,8 @@ class RunnerRequestState:
     eos_token_id: int | None
     generator: torch.Generator | None = None
     grammar: GrammarState | None = None
+    num_pending: int = 0
+    """Tokens sampled by launched steps that the host has not read back yet (after `token_ids`)."""
     token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -49,7 +60,17 @@ class RunnerRequestState:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
+
+    def reads_own_tokens(self) -> bool:
+        """Whether sampling this request's next token reads the ids of its earlier ones."""
+        p = self.sampling_params
+        return (self.grammar is not None or bool(p.bad_words_token_ids) or p.min_tokens > len(self.output_token_ids)
+                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -65,8 +86,79 @@ class _Batch:
     positions: torch.Tensor  # [num_tokens]
     attn_metadata: AttentionMetadata
     sample_req_ids: list[str]
-    sample_rows: list[int]  # row in the flattened batch whose logits are sampled, per sampled request
+    sample_rows: torch.Tensor  # [num_sampled] row in the flattened batch whose logits are sampled
     prompt_logprob_rows: dict[str, tuple[int, int, int]]  # req_id -> (first row, num rows, first target position)
+
+
+class LaunchedStep:
+    """A step queued on the device; `result()` reads its sampled tokens back (once) and hands them
+    to the runner's request states."""
+
+    def __init__(self, runner: ModelRunner, req_ids: list[str], sample_req_ids: list[str],
+                 out: SamplerOutput | None, prompt_logprobs: dict[str, LogprobsLists]) -> None:
+        self.runner = runner
+        self.req_ids = req_ids
+        self.sample_req_ids = sample_req_ids
+        self.sampled_token_ids = None if out is None else out.sampled_token_ids
+        """On the device: the next step takes its pending tokens from here."""
+        self.index_of = {req_id: i for i, req_id in enumerate(sample_req_ids)}
+        self.num_logprobs = [runner.requests[r].sampling_params.logprobs for r in sample_req_ids]
+        self.prompt_logprobs = prompt_logprobs
+        self._output: ModelRunnerOutput | None = None
+        self._host: SamplerOutput | None = None
+        self._ready: torch.cuda.Event | None = None
+        if out is not None:
+            self._host = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True) for t in (
+                out.sampled_token_ids, out.logprob_token_ids, out.logprobs, out.sampled_token_ranks)))
+            if out.sampled_token_ids.is_cuda:
+                self._ready = torch.cuda.Event()
+                self._ready.record()
+
+    @property
+    def done(self) -> bool:
+        return self._output is not None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            self._output = self._read_back()
+        return self._output
+
+    def _read_back(self) -> ModelRunnerOutput:
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, LogprobsLists] = {}
+        if self._host is not None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            requests = self.runner.requests
+            for req_id, token_id in zip(self.sample_req_ids, self._host.sampled_token_ids.tolist()):
+                sampled[req_id] = [token_id]
+                state = requests.get(req_id)
+                if state is None:  # finished or preempted since: it was dropped
+                    continue
+                state.num_pending -= 1
+                state.append_token(token_id)
+                if state.grammar is not None:
+                    state.grammar.advance(state.output_token_ids)
+            if self._host.logprobs is not None:
+                logprobs = self._logprobs_lists(self._host)
+        return ModelRunnerOutput(
+            req_ids=self.req_ids,
+            sampled_token_ids=[sampled.get(r, []) for r in self.req_ids],
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+    def _logprobs_lists(self, out: SamplerOutput) -> dict[str, LogprobsLists]:
+        """One host transfer for the whole batch, then each request keeps its own 1 + k columns."""
+        assert out.logprob_token_ids is not None and out.logprobs is not None and out.sampled_token_ranks is not None
+        ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_token_ranks.tolist()
+        result = {}
+        for i, (req_id, k) in enumerate(zip(self.sample_req_ids, self.num_logprobs)):
+            if k is None:
+                continue
+            width = len(ids[i]) if k == -1 else k + 1
+            result[req_id] = LogprobsLists([ids[i][:width]], [lps[i][:width]], [ranks[i]])
+        return result
 
 
 class ModelRunner:
@@ -81,6 +173,8 @@ class ModelRunner:
         sc = config.scheduler_config
         self.block_tables = BlockTables(sc.max_num_seqs + 1, -(-sc.max_model_len // self.block_size))
         self.decode_graphs: DecodeGraphs | None = None
+        self.last_step: LaunchedStep | None = None
+        """The latest launched step: the only one whose tokens can still be pending."""
 
     # ---- state updates -------------------------------------------------------------------
     def _add_request(self, new: NewRequestData) -> None:
@@ -122,11 +216,18 @@ class ModelRunner:
         sample_req_ids: list[str] = []
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[int, int, int]] = {}
+        pending_rows: list[int] = []
+        pending_index: list[int] = []
         for req_id in req_ids:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, num_scheduled[req_id]
             row0 = len(input_ids)
-            if n == 1:
+            if start >= len(state.token_ids):  # a decode of the token the last step sampled
+                assert n == 1 and self.last_step is not None
+                pending_rows.append(row0)
+                pending_index.append(self.last_step.index_of[req_id])
+                input_ids.append(0)
+            elif n == 1:
                 input_ids.append(state.token_ids[start])
             else:
                 input_ids.extend(state.token_ids[start:start + n])
@@ -154,7 +255,12 @@ class ModelRunner:
         slot_mapping += positions % self.block_size
         query_start = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
-        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        to_dev = lambda a: to_device(torch.from_numpy(a), self.device)  # noqa: E731
+        input_ids_dev = to_dev(np.asarray(input_ids, dtype=np.int64))
+        if pending_rows:
+            assert self.last_step is not None and self.last_step.sampled_token_ids is not None
+            index = to_dev(np.asarray(pending_index, dtype=np.int64))
+            input_ids_dev[to_dev(np.asarray(pending_rows, dtype=np.int64))] = self.last_step.sampled_token_ids[index]
         metadata = AttentionMetadata(
             slot_mapping=to_dev(slot_mapping), query_start_loc=to_dev(query_start),
             seq_lens=to_dev(seq_lens_np.astype(np.int32)), block_tables=to_dev(block_table),
@@ -162,9 +268,9 @@ class ModelRunner:
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         )
         return _Batch(
-            req_ids=req_ids, input_ids=to_dev(np.asarray(input_ids, dtype=np.int64)),
-            positions=to_dev(positions), attn_metadata=metadata,
-            sample_req_ids=sample_req_ids, sample_rows=sample_rows, prompt_logprob_rows=prompt_rows,
+            req_ids=req_ids, input_ids=input_ids_dev,
+            positions=to_dev(positions), attn_metadata=metadata, sample_req_ids=sample_req_ids,
+            sample_rows=to_dev(np.asarray(sample_rows, dtype=np.int64)), prompt_logprob_rows=prompt_rows,
         )
 
     def _sampling_rows(self, req_ids: list[str]) -> list[SamplingRow]:
@@ -174,7 +280,7 @@ class ModelRunner:
             if state.generator is not None:
                 # Reseed per position: a seeded request's draw depends only on its seed and how many
                 # tokens it has produced, not on batch composition or preemption.
-                seed = (state.sampling_params.seed * _SEED_MIX + len(state.output_token_ids)) % 2**63
+                seed = (state.sampling_params.seed * _SEED_MIX + state.num_output_tokens) % 2**63
                 state.generator.manual_seed(seed)
             rows.append(SamplingRow(
                 params=state.sampling_params, prompt_token_ids=state.prompt_token_ids,
@@ -184,15 +290,24 @@ class ModelRunner:
         return rows
 
     # ---- the step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        """Queue one step. The previous step must have been launched by this runner, and every
+        step before it read back."""
         req_ids = self._update_states(sched)
+        last = self.last_step
+        if last is not None and not last.done and any(
+            self.requests[r].num_pending and self.requests[r].reads_own_tokens() for r in req_ids
+        ):
+            last.result()
         if not req_ids:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return LaunchedStep(self, [], [], None, {})
         batch = self._prepare_inputs(req_ids, sched.num_scheduled_tokens)
         hidden = self._run_model(batch)  # [num_tokens, hidden_size]
-        sampled: dict[str, list[int]] = {}
-        logprobs: dict[str, LogprobsLists] = {}
+        out = None
         if batch.sample_req_ids:
             logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampled, vocab]
             logits = self._apply_grammars(batch.sample_req_ids, logits)
@@ -200,21 +315,11 @@ class ModelRunner:
                 self._sampling_rows(batch.sample_req_ids), self.vocab_size, self.device
             )
             out = self.sampler.forward(logits, metadata)
-            token_ids = out.sampled_token_ids.tolist()
-            for req_id, token_id in zip(batch.sample_req_ids, token_ids):
-                state = self.requests[req_id]
-                state.append_token(token_id)
-                if state.grammar is not None:
-                    state.grammar.advance(state.output_token_ids)
-                sampled[req_id] = [token_id]
-            if out.logprobs is not None:
-                logprobs = self._sample_logprobs(batch.sample_req_ids, out)
-        return ModelRunnerOutput(
-            req_ids=req_ids,
-            sampled_token_ids=[sampled.get(r, []) for r in req_ids],
-            logprobs=logprobs,
-            prompt_logprobs=self._prompt_logprobs(batch, hidden),
-        )
+            for req_id in batch.sample_req_ids:
+                self.requests[req_id].num_pending += 1
+        step = LaunchedStep(self, req_ids, batch.sample_req_ids, out, self._prompt_logprobs(batch, hidden))
+        self.last_step = step
+        return step
 
     def _run_model(self, batch: _Batch) -> torch.Tensor:
         graphs = self.decode_graphs
@@ -223,23 +328,11 @@ class ModelRunner:
         with forward_context(batch.attn_metadata):
             return self.model(batch.input_ids, batch.positions)
 
-    def _sample_logprobs(self, req_ids: list[str], out: SamplerOutput) -> dict[str, LogprobsLists]:
-        """One host transfer for the whole batch, then each request keeps its own 1 + k columns."""
-        ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_token_ranks.tolist()
-        result = {}
-        for i, req_id in enumerate(req_ids):
-            k = self.requests[req_id].sampling_params.logprobs
-            if k is None:
-                continue
-            width = len(ids[i]) if k == -1 else k + 1
-            result[req_id] = LogprobsLists([ids[i][:width]], [lps[i][:width]], [ranks[i]])
-        return result
-
     def _apply_grammars(self, req_ids: list[str], logits: torch.Tensor) -> torch.Tensor:
         """Mask each constrained request's row to the tokens its grammar allows next (on a float32
         copy of the logits, the dtype xgrammar's CPU mask takes)."""
         rows = [i for i, r in enumerate(req_ids)
-                if (grammar := self.requests[r].grammar) is not None and grammar.constraining]
+                if (grammar := self.requests[r].grammar) is not None and grammar.masks_next_token]
         if not rows:
             return logits
         logits = logits.float()

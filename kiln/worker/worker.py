@@ -23,7 +23,7 @@ from kiln.model.layers.cpu_gemm import pack_model_weights
 from kiln.model.loader import load_model
 from kiln.worker import cuda_graphs
 from kiln.worker.cpu_kv_memory import CpuKVMemory
-from kiln.worker.model_runner import ModelRunner
+from kiln.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = init_logger(__name__)
 
@@ -129,6 +129,10 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def launch_step(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+        """Queue a step without reading its tokens back (asynchronous scheduling)."""
+        return self.model_runner.launch(scheduler_output)
 
     def prefault_kv_cache_chunk(self) -> bool:
         """Idle work: fault in the next chunk of CPU KV cache memory; False when none is left."""

@@ -82,11 +82,14 @@ class FakeRunner:
     value, which catches prefix hits on unwritten or overwritten blocks.
     """
 
-    def __init__(self, scheduler: Scheduler, sample: Callable[[str, int], int] | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, sample: Callable[[str, int], int] | None = None,
+                 lagging: bool = False) -> None:
         self.scheduler = scheduler
         self.sample = sample or (lambda req_id, n: 1000 + n)
         self.states: dict[str, _RunnerState] = {}
         self.kv: dict[tuple[int, int], int] = {}
+        self.lagging = lagging
+        """Async scheduling: the scheduler has not seen the last step's tokens yet."""
 
     def _write_and_check_kv(self, out: SchedulerOutput) -> None:
         written: set[tuple[int, int]] = set()
@@ -119,10 +122,14 @@ class FakeRunner:
         for req_id, num_tokens in out.num_scheduled_tokens.items():
             state = self.states[req_id]
             request = self.scheduler.requests[req_id]
-            assert state.token_ids == request.all_token_ids
+            if self.lagging:
+                assert state.token_ids[:request.num_tokens] == request.all_token_ids
+            else:
+                assert state.token_ids == request.all_token_ids
             assert state.block_ids == self.scheduler.kv_cache_manager.get_block_ids(request)
             state.num_computed_tokens += num_tokens
             assert state.num_computed_tokens <= len(state.token_ids)
+            assert state.num_computed_tokens == request.num_started_tokens
             assert len(state.block_ids) * BLOCK_SIZE >= state.num_computed_tokens
             tokens: list[int] = []
             if state.num_computed_tokens == len(state.token_ids):
