@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_scheduler import Sim, check_invariants, make_request, make_scheduler, sims  # noqa: F401 (a fixture)
+from test_scheduler import Sim, check_invariants, make_request, make_scheduler
 
 from kiln.core.outputs import EngineCoreOutput, ModelRunnerOutput
 from kiln.core.request import RequestStatus
@@ -78,29 +78,28 @@ def test_decode_runs_ahead_of_the_tokens_it_feeds_on() -> None:
     assert (request.num_computed_tokens, request.num_in_flight_tokens, request.num_output_placeholders) == (5, 1, 1)
 
 
-def test_length_cap_schedules_no_step_too_many(sims) -> None:
+def test_length_cap_schedules_no_step_too_many() -> None:
     """With max_tokens=3 the model runs exactly 3 steps: the fourth would go past the cap."""
     sim = AsyncSim(make_scheduler())
-    sims.append(sim)
     sim.scheduler.add_request(make_request("r", 5, max_tokens=3))
     assert sim.run()["r"].finish_reason == "length"
     assert sim.num_model_steps == 3
+    sim.assert_all_free()
 
 
-def test_eos_found_late_drops_the_extra_step(sims) -> None:
+def test_eos_found_late_drops_the_extra_step() -> None:
     """An EOS is seen one step late: that step ran for nothing and its token is never reported."""
     sim = AsyncSim(make_scheduler(), sample=lambda req_id, n: 7 if n == 1 else 1000 + n)
-    sims.append(sim)
     sim.scheduler.add_request(make_request("r", 5, max_tokens=10, eos=7))
     assert _tokens_by_request(sim) == {"r": ([1000, 7], "stop")}
     assert sim.num_model_steps == 3
+    sim.assert_all_free()
 
 
-def test_abort_and_preemption_with_a_step_out(sims) -> None:
+def test_abort_and_preemption_with_a_step_out() -> None:
     """A request aborted while its step is out gets no output; one preempted while its step is out
     drops that step's token and recomputes it after resuming."""
     sim = AsyncSim(make_scheduler())
-    sims.append(sim)
     sim.scheduler.add_request(make_request("a", 5, max_tokens=6))
     sim.scheduler.add_request(make_request("b", 5, max_tokens=6))
     sim.step()
@@ -108,9 +107,9 @@ def test_abort_and_preemption_with_a_step_out(sims) -> None:
     _, outputs = sim.step()
     assert [o.req_id for o in outputs] == ["b"]
     sim.run()
+    sim.assert_all_free()
 
     sim = AsyncSim(make_scheduler(num_blocks=6, budget=8))  # 22 tokens fit in 6 blocks alone
-    sims.append(sim)
     sim.scheduler.add_request(make_request("c", 8, max_tokens=14))
     sim.scheduler.add_request(make_request("d", 8, max_tokens=14))
     preempted = False
@@ -121,6 +120,7 @@ def test_abort_and_preemption_with_a_step_out(sims) -> None:
         preempted |= any(r.status == RequestStatus.PREEMPTED for r in sim.scheduler.requests.values())
     assert preempted
     assert tokens == {"c": [1000 + n for n in range(14)], "d": [1000 + n for n in range(14)]}
+    sim.assert_all_free()
 
 
 def _workload(seed: int, policy: str, caching: bool, run_ahead: bool) -> dict[str, tuple[list[int], str | None]]:
