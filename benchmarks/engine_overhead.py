@@ -11,6 +11,12 @@ timed), greedy or sampled.
 
     python benchmarks/engine_overhead.py --batch-sizes 1 64 256 --steps 64
     python benchmarks/engine_overhead.py --batch-sizes 256 --profile   # cProfile's top entries
+
+`--device-ms D` simulates a GPU: each launched step keeps a simulated device busy for D ms after
+the step before it, and reading a step's tokens back waits until the device would be done. With
+synchronous scheduling a step then costs the host's work plus D; with `--async-scheduling` the
+host prepares the next step while the device runs, so about the larger of the two. It shows that
+the engine's own loop overlaps; whether a real GPU step has no hidden sync is for a GPU to show.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from transformers import PretrainedConfig
 
 from kiln import LLM, SamplingParams
-from kiln.worker.model_runner import ModelRunner
+from kiln.worker.model_runner import LaunchedStep, ModelRunner
 
 
 def stub_model(llm: LLM, max_rows: int) -> None:
@@ -49,6 +55,31 @@ def stub_runner_model(runner: ModelRunner, hf_config: PretrainedConfig, max_rows
 
     model.forward = forward
     model.compute_logits = lambda rows: logits[:rows.shape[0]]
+
+
+def simulate_device(runner: ModelRunner, step_seconds: float) -> None:
+    """Steps occupy a simulated device one after another, `step_seconds` each; a step's `result()`
+    waits for its end, as reading tokens back from a GPU waits for the stream."""
+    busy_until = 0.0
+    launch = runner.launch
+
+    def launch_on_device(sched) -> LaunchedStep:
+        nonlocal busy_until
+        step = launch(sched)
+        if not step.req_ids:
+            return step
+        busy_until = max(time.perf_counter(), busy_until) + step_seconds
+        done_at, read_back = busy_until, step.result
+
+        def result():
+            if (wait := done_at - time.perf_counter()) > 0:
+                time.sleep(wait)
+            return read_back()
+
+        step.result = result  # type: ignore[method-assign]
+        return step
+
+    runner.launch = launch_on_device  # type: ignore[method-assign]
 
 
 def time_decode_steps(llm: LLM, batch_size: int, input_len: int, steps: int, params: SamplingParams,
@@ -89,12 +120,16 @@ def main() -> None:
     parser.add_argument("--every-step-outputs", action="store_true",
                         help="report every request after every step, as a streaming server does (default: "
                              "only finished requests, as the offline LLM does)")
+    parser.add_argument("--async-scheduling", action="store_true", help="launch each step before reading the last")
+    parser.add_argument("--device-ms", type=float, default=0.0, help="simulate a device taking this long per step")
     args = parser.parse_args()
     max_batch = max(args.batch_sizes)
     llm = LLM(model=args.model, load_format="dummy", max_num_seqs=max_batch, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, max_batch), max_model_len=args.input_len + args.steps + 16,
-              disable_log_stats=True)
+              disable_log_stats=True, async_scheduling=args.async_scheduling)
     stub_model(llm, max(max_batch, 2048))
+    if args.device_ms:
+        simulate_device(llm.llm_engine.core.worker.model_runner, args.device_ms / 1e3)
     max_tokens = args.steps + 8
     modes = {"greedy": SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
              "sampled": SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=max_tokens, ignore_eos=True)}

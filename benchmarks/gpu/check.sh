@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Run ON a lent GPU machine (the device tool), after benchmarks/gpu/prepare_kit.sh here. Three stages:
+# Run ON a lent GPU machine (the device tool), after benchmarks/gpu/prepare_kit.sh here. Four stages:
 #   1. correctness: the CUDA tests (float32 greedy parity with transformers on the same GPU, through
 #      the Triton kernel, decode CUDA graphs, fp8 caches, ...; tests/engine/test_cuda.py's docstring);
 #   2. offline throughput and latency on SmolLM2-135M's shape with dummy weights (bfloat16), with
-#      decode graphs and with --enforce-eager;
-#   3. kiln serve + kiln bench serve at concurrency 1, 16 and 64 (benchmarks/serve_sweep.sh).
+#      decode graphs, with graphs and --async-scheduling (the larger runs only), and with --enforce-eager;
+#   3. kiln serve + kiln bench serve at concurrency 1, 16 and 64 (benchmarks/serve_sweep.sh);
+#   4. the same sweep with --async-scheduling (a third call, if the device time allows:
+#      run(command="STAGES=4 bash benchmarks/gpu/check.sh", carry=[".device_kit"], timeout_s=300)).
 # Each stage has a time limit (stage 1: 5 minutes, the others about 3). With ~15 minutes of device
 # time a session, run them as two calls on the same warm machine, so that a failed first call
 # leaves time to fix and rerun:
@@ -46,9 +48,11 @@ if stage 2; then
   echo "== 2. offline benchmarks (dummy weights, bfloat16)" | tee "$OUT/bench.txt"
   mkdir -p /tmp/kiln-bench
   common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --skip-tokenizer-init --disable-log-stats)
-  for mode in graphs eager; do
+  for mode in graphs async eager; do
     flags=(); [ "$mode" = eager ] && flags=(--enforce-eager)
+    [ "$mode" = async ] && flags=(--async-scheduling)
     for prompts in 64 1024; do
+      [ "$mode" = async ] && [ $prompts = 64 ] && continue
       echo "-- throughput, $mode, $prompts prompts of 256 + 128 tokens" | tee -a "$OUT/bench.txt"
       timeout 120 $KILN bench throughput "${common[@]}" "${flags[@]}" --input-len 256 --output-len 128 \
         --num-prompts $prompts --disable-tqdm --output-json /tmp/kiln-bench/result.json 2>&1 \
@@ -56,6 +60,7 @@ if stage 2; then
       cat /tmp/kiln-bench/result.json >> "$OUT/bench.txt"; echo >> "$OUT/bench.txt"
     done
     for batch in 1 64; do
+      [ "$mode" = async ] && [ $batch = 1 ] && continue
       echo "-- latency, $mode, batch $batch, 256 + 128 tokens" | tee -a "$OUT/bench.txt"
       timeout 120 $KILN bench latency "${common[@]}" "${flags[@]}" --input-len 256 --output-len 128 \
         --batch-size $batch --num-iters-warmup 3 --num-iters 10 --output-json /tmp/kiln-bench/result.json 2>&1 \
@@ -71,4 +76,12 @@ if stage 3; then
     --load-format dummy 2>&1 | tee -a "$OUT/sweep.txt"
   cat /tmp/kiln-sweep/c*.json >> "$OUT/sweep.txt" 2>/dev/null
   cp /tmp/kiln-sweep/server.log "$OUT/server.log" 2>/dev/null
+fi
+
+if stage 4; then
+  echo "== 4. serving sweep with --async-scheduling (dummy weights, bfloat16)" | tee "$OUT/sweep.txt"
+  KILN="$KILN" OUT_DIR=/tmp/kiln-sweep-async timeout 240 bash benchmarks/serve_sweep.sh --model "$MODEL" \
+    --load-format dummy --async-scheduling 2>&1 | tee -a "$OUT/sweep.txt"
+  cat /tmp/kiln-sweep-async/c*.json >> "$OUT/sweep.txt" 2>/dev/null
+  cp /tmp/kiln-sweep-async/server.log "$OUT/server.log" 2>/dev/null
 fi

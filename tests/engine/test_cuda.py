@@ -231,3 +231,22 @@ def test_structured_output_on_cuda(make_cuda_llm):
         outputs = llm.generate(["Is the sky green?", "Hello"], [params, free], use_tqdm=False)
         assert outputs[0].outputs[0].text in ("yes", "no", "it depends")
         assert len(outputs[1].outputs[0].token_ids) == 12
+
+
+def test_async_scheduling_equals_transformers_and_the_synchronous_engine(make_cuda_llm, reference, replay_count):
+    """With --async-scheduling each decode step takes its input token from the previous step's
+    sampled tensor on the GPU: greedy through the graphs still equals transformers, and seeded
+    sampling with logprobs and a penalized row (which reads the previous step back first) equals
+    the synchronous engine."""
+    llm = make_cuda_llm(dtype="float32", async_scheduling=True)
+    assert _token_ids(llm.generate(TOKEN_PROMPTS, GREEDY, use_tqdm=False)) == reference
+    assert replay_count["replays"] > 0
+    mixed = [SamplingParams(temperature=0.9, seed=7, max_tokens=16, logprobs=3),
+             SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.2, presence_penalty=0.5),
+             SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=16)]
+
+    def summary(engine: LLM):
+        outputs = engine.generate(TOKEN_PROMPTS[:3], mixed, use_tqdm=False)
+        return [(c.token_ids, c.logprobs) for o in outputs for c in o.outputs]
+
+    assert summary(llm) == summary(make_cuda_llm(dtype="float32"))
