@@ -19,6 +19,11 @@ module (multiprocessing's spawn does), told the step time by an environment vari
     python benchmarks/serve_overhead.py --concurrency 64 --num-prompts 256
     python benchmarks/serve_overhead.py --concurrency 64 --step-ms 5    # a "GPU" step of 5 ms
     python benchmarks/serve_overhead.py --concurrency 64 --disable-frontend-multiprocessing
+    python benchmarks/serve_overhead.py --concurrency 64 --device-ms 3 [--async-scheduling]
+
+`--device-ms` simulates an asynchronous device instead (engine_overhead.simulate_device): a step
+occupies it after the one before, and only reading the step's tokens back waits. Flags the script
+does not know (`--async-scheduling`, ...) go to `kiln serve`.
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ KILN_SERVE_FLAGS = ["--load-format", "dummy", "--max-model-len", "2048", "--no-e
 
 
 STEP_MS_ENV = "KILN_SERVE_OVERHEAD_STEP_MS"
+DEVICE_MS_ENV = "KILN_SERVE_OVERHEAD_DEVICE_MS"
 
 
-def stub_engine_cores(step_ms: float) -> None:
+def stub_engine_cores(step_ms: float, device_ms: float) -> None:
     """Stub the model of every EngineCore this process builds, right after it is built."""
     import torch
 
-    from engine_overhead import stub_runner_model
+    from engine_overhead import simulate_device, stub_runner_model
     from kiln.engine.core import EngineCore
 
     build = EngineCore.__init__
@@ -57,15 +63,17 @@ def stub_engine_cores(step_ms: float) -> None:
         torch.set_num_threads(1)
         stub_runner_model(self.worker.model_runner, self.config.model_config.hf_config,
                           max_rows=4096, step_seconds=step_ms / 1e3)
+        if device_ms:
+            simulate_device(self.worker.model_runner, device_ms / 1e3)
 
     EngineCore.__init__ = build_stubbed
 
 
 if __name__ == "__mp_main__" and STEP_MS_ENV in os.environ:  # the engine core process of `kiln serve`
-    stub_engine_cores(float(os.environ[STEP_MS_ENV]))
+    stub_engine_cores(float(os.environ[STEP_MS_ENV]), float(os.environ[DEVICE_MS_ENV]))
 
 
-def serve_stubbed(port: int, step_ms: float, tid_file: str, extra: list[str]) -> None:
+def serve_stubbed(port: int, step_ms: float, device_ms: float, tid_file: str, extra: list[str]) -> None:
     """Run `kiln serve` in this process with every engine core's model stubbed (here, or in the core
     process it spawns); the native id of the engine thread goes to `tid_file`."""
     import threading
@@ -78,8 +86,8 @@ def serve_stubbed(port: int, step_ms: float, tid_file: str, extra: list[str]) ->
             super().__init__(*args, **kwargs)
             Path(tid_file).write_text(str(threading.get_native_id()))
 
-    os.environ[STEP_MS_ENV] = str(step_ms)
-    stub_engine_cores(step_ms)
+    os.environ[STEP_MS_ENV], os.environ[DEVICE_MS_ENV] = str(step_ms), str(device_ms)
+    stub_engine_cores(step_ms, device_ms)
     async_llm.LLMEngine = RecordedEngine
     sys.exit(main(["serve", "--port", str(port), *KILN_SERVE_FLAGS, *extra]))
 
@@ -139,12 +147,13 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--endpoint", default="/v1/completions", choices=("/v1/completions", "/v1/chat/completions"))
     parser.add_argument("--step-ms", type=float, default=0.0, help="each stubbed forward sleeps this long")
+    parser.add_argument("--device-ms", type=float, default=0.0, help="simulate a device taking this long per step")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tid-file", default=None, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.serve_port is not None:
-        serve_stubbed(args.serve_port, args.step_ms, args.tid_file, extra)
+        serve_stubbed(args.serve_port, args.step_ms, args.device_ms, args.tid_file, extra)
         return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -154,6 +163,7 @@ def main() -> None:
         with open(log, "w") as log_stream:
             server = subprocess.Popen(
                 [sys.executable, __file__, "--serve-port", str(port), "--step-ms", str(args.step_ms),
+                 "--device-ms", str(args.device_ms),
                  "--tid-file", str(tid_file), "--max-num-seqs", str(max(args.concurrency, 1)), *extra],
                 stdout=log_stream, stderr=subprocess.STDOUT)
         try:
