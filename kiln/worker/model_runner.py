@@ -12,8 +12,8 @@ to the host; `execute_model` does both at once. With asynchronous scheduling the
 launches step N+1 before it reads step N, so the host prepares the next step while the device
 computes: a request's token that step N sampled is then fed to step N+1 on the device, its id
 unknown to the host (a pending token). Rows whose sampling reads their own earlier tokens
-(penalties, bad words, min_tokens, a grammar) cannot wait for that: a step with such a row reads
-the previous step back first.
+(penalties, bad words, min_tokens, a grammar) cannot do without them: a step with such a row
+queues its forward, then reads the previous step back before it samples.
 """
 
 from __future__ import annotations
@@ -298,15 +298,15 @@ class ModelRunner:
         """Queue one step. The previous step must have been launched by this runner, and every
         step before it read back."""
         req_ids = self._update_states(sched)
-        last = self.last_step
-        if last is not None and not last.done and any(
-            self.requests[r].num_pending and self.requests[r].reads_own_tokens() for r in req_ids
-        ):
-            last.result()
         if not req_ids:
             return LaunchedStep(self, [], [], None, {})
         batch = self._prepare_inputs(req_ids, sched.num_scheduled_tokens)
         hidden = self._run_model(batch)  # [num_tokens, hidden_size]
+        last = self.last_step
+        if last is not None and not last.done and any(
+            self.requests[r].num_pending and self.requests[r].reads_own_tokens() for r in batch.sample_req_ids
+        ):
+            last.result()  # after queueing this step's forward, so the wait overlaps it
         out = None
         if batch.sample_req_ids:
             logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampled, vocab]

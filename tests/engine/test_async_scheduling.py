@@ -52,7 +52,8 @@ def test_outputs_match_synchronous_scheduling(make_llm, engine_kwargs):
 
 
 def test_decode_steps_launch_before_the_last_step_is_read(make_llm):
-    """Plain rows never wait for the previous step; a penalized row reads it back first."""
+    """Plain rows never wait for the previous step; a penalized row reads it back, after its step's
+    forward was queued."""
     llm = make_llm(max_model_len=256, async_scheduling=True)
     runner = llm.llm_engine.core.worker.model_runner
     launch = runner.launch
@@ -65,15 +66,25 @@ def test_decode_steps_launch_before_the_last_step_is_read(make_llm):
         seen.append((unread_before, unread_before and not previous.done))
         return step
 
-    runner.launch = spy
+    run_model = runner._run_model
+    unread_at_forward: list[bool] = []
+
+    def forward_spy(batch):
+        unread_at_forward.append(runner.last_step is not None and not runner.last_step.done)
+        return run_model(batch)
+
+    runner.launch, runner._run_model = spy, forward_spy
     plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate(PROMPTS[:2], plain, use_tqdm=False)
     # the prefill has nothing before it; each decode then launches while the step before is out
     assert seen == [(False, False)] + [(True, True)] * 7
     seen.clear()
+    unread_at_forward.clear()
     penalized = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, presence_penalty=0.5)
     llm.generate(PROMPTS[:2], [plain, penalized], use_tqdm=False)
     assert seen == [(False, False)] + [(True, False)] * 7
+    # ... but only after its forward was queued
+    assert unread_at_forward == [False] + [True] * 7
 
 
 def test_core_process_with_async_scheduling(make_llm):
