@@ -202,7 +202,8 @@ class Scheduler:
             request = self.running[req_index]
             num_new_tokens = min(request.num_tokens + request.num_output_placeholders - request.num_started_tokens,
                                  token_budget)
-            if num_new_tokens <= 0 or self._reaches_length_cap(request):
+            # async scheduling: the step out may be the last one the length cap allows
+            if num_new_tokens <= 0 or self._reaches_length_cap(request, request.num_output_placeholders):
                 req_index += 1
                 continue
             while True:
@@ -290,15 +291,12 @@ class Scheduler:
             request.num_output_placeholders += 1
         request.num_in_flight_tokens += num_tokens
 
-    def _reaches_length_cap(self, request: Request) -> bool:
-        """Whether the tokens already sampled or in flight end the request by length (only possible
-        with placeholders: without them such a request has finished)."""
-        if not request.num_output_placeholders:
-            return False
+    def _reaches_length_cap(self, request: Request, num_unseen: int = 0) -> bool:
+        """Whether the request's tokens, plus `num_unseen` sampled but not yet seen, reach max_tokens
+        or max_model_len."""
         max_tokens = request.max_tokens
-        return (max_tokens is not None
-                and request.num_output_tokens + request.num_output_placeholders >= max_tokens) or (
-            request.num_tokens + request.num_output_placeholders >= self.max_model_len)
+        return (max_tokens is not None and request.num_output_tokens + num_unseen >= max_tokens) or (
+            request.num_tokens + num_unseen >= self.max_model_len)
 
     def _must_wait_for_leader(self, request: Request) -> bool:
         """n>1 samples wait until their leader's prompt is computed, so that they hit its blocks."""
@@ -398,10 +396,7 @@ class Scheduler:
     def _check_stop(self, request: Request, token_id: int) -> bool:
         """The length cap first (as vLLM), then EOS and stop token ids (both only past min_tokens)."""
         params = request.sampling_params
-        max_tokens = request.max_tokens
-        if (max_tokens is not None and request.num_output_tokens >= max_tokens) or (
-            request.num_tokens >= self.max_model_len
-        ):
+        if self._reaches_length_cap(request):
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         if request.num_output_tokens < (params.min_tokens or 0):

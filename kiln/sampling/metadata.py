@@ -116,10 +116,7 @@ class SamplingMetadata:
         return metadata
 
     def _add_penalties(self, rows: list[SamplingRow], device: torch.device | str) -> None:
-        penalized = [
-            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
-            for p in (r.params for r in rows)
-        ]
+        penalized = [r.params.has_penalties for r in rows]
         if not any(penalized):
             return
         self.no_penalties = False

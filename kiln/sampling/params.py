@@ -229,6 +229,11 @@ class SamplingParams:
         return SamplingType.RANDOM
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether any of the presence, frequency or repetition penalties is on."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def bad_words_token_ids(self) -> list[list[int]] | None:
         """Token sequences of `bad_words`, set by `update_from_tokenizer`."""
         return self._bad_words_token_ids

@@ -18,6 +18,7 @@ queues its forward, then reads the previous step back before it samples.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,7 +71,7 @@ class RunnerRequestState:
         """Whether sampling this request's next token reads the ids of its earlier ones."""
         p = self.sampling_params
         return (self.grammar is not None or bool(p.bad_words_token_ids) or p.min_tokens > len(self.output_token_ids)
-                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0)
+                or p.has_penalties)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -101,8 +102,9 @@ class LaunchedStep:
         self.sample_req_ids = sample_req_ids
         self.sampled_token_ids = None if out is None else out.sampled_token_ids
         """On the device: the next step takes its pending tokens from here."""
-        self.index_of = {req_id: i for i, req_id in enumerate(sample_req_ids)}
-        self.num_logprobs = [runner.requests[r].sampling_params.logprobs for r in sample_req_ids]
+        self.num_logprobs = [] if out is None or out.logprobs is None else [
+            runner.requests[r].sampling_params.logprobs for r in sample_req_ids]
+        """Each sampled request's k, taken now: the request may be gone when the step is read back."""
         self.prompt_logprobs = prompt_logprobs
         self._output: ModelRunnerOutput | None = None
         self._host: SamplerOutput | None = None
@@ -113,6 +115,11 @@ class LaunchedStep:
             if out.sampled_token_ids.is_cuda:
                 self._ready = torch.cuda.Event()
                 self._ready.record()
+
+    @functools.cached_property
+    def index_of(self) -> dict[str, int]:
+        """Each sampled request's row in `sampled_token_ids` (only async scheduling asks)."""
+        return {req_id: i for i, req_id in enumerate(self.sample_req_ids)}
 
     @property
     def done(self) -> bool:
