@@ -422,13 +422,22 @@ def test_draw_at_the_top_of_the_unit_interval_keeps_to_allowed_tokens(monkeypatc
 def test_native_inverse_cdf_draw_picks_what_the_torch_path_picks() -> None:
     """The kernel takes the torch path's float64 running sums in the same order, so its picks are
     bitwise the same: also where u * total lands exactly on a running sum (the strict crossing
-    decides), on zero-probability tokens, at u = 0 and at u = 1 (u * total rounded up)."""
+    decides), on zero-probability tokens, at u = 0 and at u = 1 (u * total rounded up), and in rows
+    a top-k filter left mostly zero (whose zero spans the kernel skips)."""
     from kiln.sampling import sampler as sampler_module
 
     kernel = native_kernel("inverse_cdf_rows")
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(48, 49152, generator=gen) * 4
     logits[:, ::5] = float("-inf")
+    sparse = torch.full((24, 49152), float("-inf"))
+    kept = torch.randint(0, 49152, (24, 40), generator=gen)
+    sparse.scatter_(1, kept, torch.randn(24, 40, generator=gen))
+    sparse[:2, 64:] = float("-inf")  # only the first span survives, or (rows 2-3) its first token
+    sparse[:2, 10:60:7] = torch.randn(2, 8, generator=gen)
+    sparse[2:4, 1:] = float("-inf")
+    sparse[2:4, 0] = 0.0
+    logits[24:] = sparse
     probs = torch.softmax(logits, dim=-1)
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     uniform = torch.rand(48, generator=gen, dtype=torch.float64)
@@ -436,6 +445,8 @@ def test_native_inverse_cdf_draw_picks_what_the_torch_path_picks() -> None:
     on_a_sum = torch.randint(0, 49152, (16,), generator=gen)
     uniform[2:18] = cdf[torch.arange(2, 18), on_a_sum] / cdf[2:18, -1]
     assert bool((uniform[2:18] * cdf[2:18, -1] == cdf[torch.arange(2, 18), on_a_sum]).any())  # the exact case occurs
+    uniform[24], uniform[25], uniform[26] = 1.0, 0.0, 1.0
+    uniform[28:40] = cdf[torch.arange(28, 40), kept[4:16, 0]] / cdf[28:40, -1]  # on a kept token's sum
     expected = sampler_module.inverse_cdf_rows(probs, uniform)
     assert torch.equal(kernel(probs, uniform), expected)
     assert bool((probs.gather(1, expected[:, None]) > 0).all())
@@ -455,3 +466,24 @@ def test_greedy_fast_path_on_bfloat16_logits_matches_argmax() -> None:
     wide = torch.randn(3, 49152).to(torch.bfloat16)
     assert torch.equal(sample(wide, [row(SamplingParams(temperature=0.0))] * 3).sampled_token_ids,
                        wide.float().argmax(dim=-1))
+
+
+def test_native_argmax_finds_the_first_maximum_wherever_it_lies() -> None:
+    """The kernel keeps several vector maxima side by side and searches spans of many values: the
+    first maximum (or NaN) must win whichever lane, span or tail it falls in, signed zeros
+    counting as equal, as torch.argmax of the float32 logits decides."""
+    from kiln.model.layers import native
+
+    kernel = native.fused_bf16_ops(torch.ones(1, 1, dtype=torch.bfloat16))
+    if kernel is None:
+        pytest.skip("the native kernels could not be built here")
+    gen = torch.Generator().manual_seed(5)
+    for width in (1, 31, 32, 33, 95, 1000, 4099):
+        logits = torch.randint(-3, 2, (40, width), generator=gen).float()
+        logits[:20] = torch.where(logits[:20] == 0, -0.0, logits[:20])  # both zeros tie as maxima
+        logits[20:30] = -torch.rand(10, width, generator=gen)  # the maximum is a unique negative
+        nan_rows = torch.randint(0, width, (10,), generator=gen)
+        logits[torch.arange(30, 40), nan_rows] = float("nan")
+        logits[35:40, (nan_rows[5:] + 1).clamp(max=width - 1)] = float("nan")  # a second NaN after it
+        logits = logits.to(torch.bfloat16)
+        assert torch.equal(kernel.argmax_rows(logits), logits.float().argmax(dim=-1)), width
