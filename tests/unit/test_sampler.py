@@ -186,7 +186,8 @@ def _exact_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def test_native_top_k_top_p_keeps_the_exact_nucleus() -> None:
     """The native filter on SmolLM2-sized rows against the float64 definition: mixed rows (top-k
     only, top-p only, both, neither), tokens already masked, ties at the k-th value, a peaked row
-    whose nucleus is one token and a flat one whose nucleus is most of the vocabulary."""
+    whose nucleus is one token and a flat one whose nucleus is most of the vocabulary; small and
+    large k (the kernel bounds small k by the maxima of spans of the row, large k by a heap)."""
     kernel = native_kernel("top_k_top_p_rows")
     gen = torch.Generator().manual_seed(0)
     rows, vocab = 48, 49152
@@ -198,6 +199,8 @@ def test_native_top_k_top_p_keeps_the_exact_nucleus() -> None:
     top_k = torch.randint(1, 3000, (rows,), generator=gen)
     top_k[1::4], top_k[3::4] = vocab, vocab + 5
     top_k[0], top_k[1] = 250, 250
+    top_k[4:12] = torch.tensor([1, 2, 20, 50, 100, 192, 193, 40])  # small k: bounded by the spans' maxima
+    logits[5, 1000:1100] = 9.0  # 100 tied at the top and k = 2: all of them survive top-k
     top_p = 0.05 + 0.94 * torch.rand(rows, generator=gen)
     top_p[::3] = 1.0
     top_p[0], top_p[2], top_p[3] = 1.0, 0.9, 0.9

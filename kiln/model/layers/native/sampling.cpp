@@ -20,17 +20,52 @@ namespace {
 
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
-// The k-th largest of row[0..V), duplicates counted (0 < k < V): a min-heap of the k largest seen.
-// After the first k values only a value above the heap's minimum touches it, so a pass is mostly
-// one compare per value.
-float kth_largest(const float* row, int64_t V, int64_t k, std::vector<float>& heap) {
+// The k-th largest of row[0..V), duplicates counted (0 < k < V), without NaN.
+// The k-th largest of the spans' maxima bounds it from below (those k maxima are k values of the
+// row), so only the values at or above that bound, in the few spans whose maximum reaches it, are
+// candidates; the k-th largest of the candidates is the row's. Where k is large against the
+// number of spans, a min-heap of the k largest seen, each span first compared with the heap's
+// minimum as a whole (values above it soon become rare).
+float kth_largest(const float* row, int64_t V, int64_t k, std::vector<float>& scratch, std::vector<float>& maxima) {
+  constexpr int64_t kSpan = 64;
+  const int64_t num_spans = (V + kSpan - 1) / kSpan;
+  if (4 * k <= num_spans) {
+    maxima.resize(num_spans);
+    for (int64_t s = 0; s < num_spans; ++s) {
+      float max = kMinusInf;
+#pragma omp simd reduction(max : max)
+      for (int64_t i = s * kSpan; i < std::min((s + 1) * kSpan, V); ++i) max = max > row[i] ? max : row[i];
+      maxima[s] = max;
+    }
+    scratch.assign(maxima.begin(), maxima.end());
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    const float bound = scratch[k - 1];
+    scratch.clear();
+    for (int64_t s = 0; s < num_spans; ++s) {
+      if (maxima[s] < bound) continue;
+      for (int64_t i = s * kSpan; i < std::min((s + 1) * kSpan, V); ++i) {
+        if (row[i] >= bound) scratch.push_back(row[i]);
+      }
+    }
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    return scratch[k - 1];
+  }
+  std::vector<float>& heap = scratch;
   heap.assign(row, row + k);
   std::make_heap(heap.begin(), heap.end(), std::greater<float>());
-  for (int64_t i = k; i < V; ++i) {
-    if (row[i] > heap.front()) {
-      std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-      heap.back() = row[i];
-      std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+  for (int64_t start = k; start < V; start += kSpan) {
+    const int64_t end = std::min(start + kSpan, V);
+    const float floor = heap.front();
+    int above = 0;
+#pragma omp simd reduction(| : above)
+    for (int64_t i = start; i < end; ++i) above |= row[i] > floor;
+    if (!above) continue;
+    for (int64_t i = start; i < end; ++i) {
+      if (row[i] > heap.front()) {
+        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+        heap.back() = row[i];
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+      }
     }
   }
   return heap.front();
@@ -342,17 +377,22 @@ void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k
   const int64_t* kp = ks.defined() ? ks.data_ptr<int64_t>() : nullptr;
   const float* pp = ps.defined() ? ps.data_ptr<float>() : nullptr;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
+    std::vector<float> scratch, maxima;
     std::vector<int64_t> tokens;
     for (int64_t b = begin; b < end; ++b) {
       float* row = lp + b * V;
       const bool k_on = kp != nullptr && kp[b] > 0 && kp[b] < V, p_on = pp != nullptr && pp[b] < 1.f;
       if (k_on || p_on) {  // NaN logits (a broken model) are cut: sorting and heaps need an order
+        int has_nan = 0;  // looked for first: rewriting every row would cost a pass of stores
+#pragma omp simd reduction(| : has_nan)
+        for (int64_t i = 0; i < V; ++i) has_nan |= row[i] != row[i];
+        if (has_nan) {
 #pragma omp simd
-        for (int64_t i = 0; i < V; ++i) row[i] = row[i] != row[i] ? kMinusInf : row[i];
+          for (int64_t i = 0; i < V; ++i) row[i] = row[i] != row[i] ? kMinusInf : row[i];
+        }
       }
       if (k_on) {
-        const float kth = kth_largest(row, V, kp[b], scratch);
+        const float kth = kth_largest(row, V, kp[b], scratch, maxima);
         if (p_on) {
           top_k_then_top_p_row(row, V, kth, pp[b], tokens);
         } else {
