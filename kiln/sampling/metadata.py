@@ -32,8 +32,10 @@ class SamplingRow:
 class SamplingMetadata:
     """Batched sampling settings for B rows; row i of every tensor is `rows[i]` of `build`.
 
-    Invariants: `temperature` is None iff `all_greedy`; greedy rows hold temperature 1.0 so the
-    random path can run on the whole batch, and `greedy_mask` marks them when the batch is mixed.
+    Invariants: `temperature` is None when no row divides its logits (all greedy, or every random
+    row at temperature 1: x / 1 is x, so skipping the pass changes nothing); greedy rows hold
+    temperature 1.0 so the random path can run on the whole batch, and `greedy_mask` marks them
+    when the batch is mixed.
     Disabled filters hold neutral values (top_k = vocab_size, top_p = 1, min_p = 0).
     """
 
@@ -82,9 +84,9 @@ class SamplingMetadata:
         max_top_k = vocab_size
         generators: dict[int, torch.Generator] = {}
         if not all_greedy:
-            temperature = _f32(
-                [1.0 if t == SamplingType.GREEDY else p.temperature for p, t in zip(params, types)], device
-            )
+            temperatures = [1.0 if t == SamplingType.GREEDY else p.temperature for p, t in zip(params, types)]
+            if any(t != 1.0 for t in temperatures):
+                temperature = _f32(temperatures, device)
             if not all_random:
                 greedy_mask = to_device(torch.tensor([t == SamplingType.GREEDY for t in types], dtype=torch.bool), device)
             if any(p.top_p < 1.0 for p in params):

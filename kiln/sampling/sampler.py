@@ -36,11 +36,12 @@ class Sampler(nn.Module):
     5. min_tokens: EOS and stop_token_ids are banned while a row is shorter than min_tokens.
     6. Penalties: repetition (prompt and output), then frequency and presence (output).
     7. Greedy rows take the argmax here; if every row is greedy, skip to 11.
-    8. Temperature divides the logits (greedy rows use 1 and are discarded in 10).
+    8. Temperature divides the logits (greedy rows use 1 and are discarded in 10; skipped when
+       every row's is 1).
     9. min_p, then top-k and top-p (one sort when both are used).
-    10. Inverse-CDF draw: one uniform number per row picks the token where the running sum of
-        probabilities crosses it; a seeded row draws its number from its own generator, so its
-        token does not depend on the rest of the batch. Greedy rows keep step 7.
+    10. Softmax and inverse-CDF draw: one uniform number per row picks the token where the running
+        sum of probabilities crosses it; a seeded row draws its number from its own generator, so
+        its token does not depend on the rest of the batch. Greedy rows keep step 7.
     11. Logprobs are gathered: the sampled token first, then the top k, with its rank.
 
     `logits` ([B, V]) is modified in place.
@@ -68,13 +69,12 @@ class Sampler(nn.Module):
             greedy = logits.argmax(dim=-1)
             if metadata.all_greedy:
                 return greedy
-        assert metadata.temperature is not None
-        logits.div_(metadata.temperature.unsqueeze(1))
+        if metadata.temperature is not None:
+            logits.div_(metadata.temperature.unsqueeze(1))
         if metadata.min_p is not None:
             apply_min_p(logits, metadata.min_p)
         apply_top_k_top_p(logits, metadata.top_k, metadata.top_p, metadata.max_top_k)
-        probs = torch.softmax(logits, dim=-1)
-        sampled = random_sample(probs, metadata.generators)
+        sampled = random_sample(logits, metadata.generators)
         if greedy is not None:
             assert metadata.greedy_mask is not None
             sampled = torch.where(metadata.greedy_mask, greedy, sampled)
@@ -129,30 +129,30 @@ def apply_top_k_top_p(
     return logits.scatter_(1, order, sorted_logits)
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """One draw per row from `probs` [B, V] -> [B]: the first token whose cumulative probability
-    exceeds u * total, u ~ Uniform[0, 1).
+def random_sample(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """One draw per row from softmax(`logits`) [B, V] -> [B]: the first token whose cumulative
+    probability exceeds u * total, u ~ Uniform[0, 1).
 
     vLLM races exponential noise (argmax(probs / E)), which needs a random number per vocabulary
     entry; torch draws those serially on CPU (60 ms for 64 rows of 49k), while the float64 running
     sum and one number per row take ~2 ms. The distribution is the same. A token of probability 0
     is never picked: its running sum equals its predecessor's, so the predecessor crosses first.
-    On CPU the native kernel takes the same running sums in the same order (bitwise these picks)
-    without materializing them, one float64 add per nonzero probability (64 x 49k rows on the AVX2
-    host: 35 -> 1.9 ms; 0.6 after a top-k filter).
+    On CPU the native kernel draws from the logits without materializing the probabilities (the
+    same distribution, not bitwise the same picks: its exp and sums round differently).
     """
-    uniform = torch.empty(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
-    if len(generators) != probs.shape[0]:
+    uniform = torch.empty(logits.shape[0], 1, dtype=torch.float64, device=logits.device)
+    if len(generators) != logits.shape[0]:
         uniform.uniform_()
     for row, generator in generators.items():
         uniform[row].uniform_(generator=generator)
-    draw = native.inverse_cdf_rows(probs) or inverse_cdf_rows
-    return draw(probs, uniform.squeeze(1))
+    if (draw := native.softmax_draw_rows(logits)) is not None:
+        return draw(logits, uniform.squeeze(1))
+    return inverse_cdf_rows(torch.softmax(logits, dim=-1), uniform.squeeze(1))
 
 
 def inverse_cdf_rows(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """probs [B, V], uniform [B] float64 -> [B] int64: the first token whose float64 running sum
-    exceeds u * total (the torch path; the reference of the native kernel)."""
+    exceeds u * total (the torch path)."""
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: no drift over a long vocabulary
     picked = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
     # u * total may round up to total itself; then the last token of nonzero probability (the

@@ -159,11 +159,11 @@ def fused_bf16_ops(x: torch.Tensor) -> Any | None:
     return _kernels.ops  # type: ignore[union-attr]
 
 
-def inverse_cdf_rows(probs: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """The sampler's inverse-CDF draw (sampling.cpp) when `probs` is float32 on CPU, else None."""
-    if probs.dtype != torch.float32 or probs.device.type != "cpu" or not load():
+def softmax_draw_rows(logits: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The sampler's draw from softmax(logits) (sampling.cpp) when `logits` is float32 on CPU, else None."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not load():
         return None
-    return _kernels.ops.inverse_cdf_rows  # type: ignore[union-attr]
+    return _kernels.ops.softmax_draw_rows  # type: ignore[union-attr]
 
 
 def top_k_top_p_rows(logits: torch.Tensor) -> Callable[..., None] | None:

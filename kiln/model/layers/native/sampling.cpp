@@ -1,6 +1,6 @@
 // The sampler's per-row kernels on CPU (sampling/sampler.py keeps the torch paths, which are also
 // the tests' reference): the greedy argmax over bfloat16 logits, the top-k / top-p filter, and the
-// inverse-CDF draw. Each row is one task.
+// draw from the softmax by the inverse CDF. Each row is one task.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -284,72 +284,87 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 
 namespace {
 
-constexpr int64_t kCdfSpan = 64;
+constexpr int64_t kDrawSpan = 64;
 
-// Whether p[0..n) holds a nonzero value. Adding +0 leaves a running sum of probabilities as it
-// is, so the spans a top-k or top-p filter zeroed need no adds at all.
-bool any_nonzero(const float* p, int64_t n) {
-  int any = 0;
-#pragma omp simd reduction(| : any)
-  for (int64_t i = 0; i < n; ++i) any |= p[i] != 0.0f;
-  return any;
-}
-
-// The running sums in index order, one float64 rounding per step, as torch's cumsum takes them
-// (-fassociative-math would let GCC split the total over vector lanes and change its last bits).
-// One pass takes the total and keeps the sum at every span's start; probabilities are not
-// negative, so the sums only grow and the crossing lies in the first span whose end crosses,
-// which is summed again from its start: the same adds in the same order, so the same sums.
-__attribute__((optimize("no-associative-math"))) int64_t inverse_cdf_index(const float* p, int64_t V, double u,
-                                                                           std::vector<double>& span_starts) {
-  const int64_t num_spans = (V + kCdfSpan - 1) / kCdfSpan;
-  span_starts.resize(num_spans + 1);
+// The token where the running sum of softmax(x) crosses u times its total (u in [0, 1)), working
+// in a scratch row that stays in cache: exp(x - max) and each span's mass in one pass, then the
+// spans' masses walked to the span holding the crossing, which alone is walked token by token.
+// Tokens at -inf or NaN weigh 0 and are never drawn, nor are spans they fill (a top-k filter's
+// row is mostly such spans), which cost one compare pass. Where rounding leaves u * total at or
+// past the last sum, the last token of nonzero weight is drawn.
+int64_t softmax_draw_index(const float* x, int64_t V, double u, std::vector<float>& weights,
+                           std::vector<double>& span_mass) {
+  float max = kMinusInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t i = 0; i < V; ++i) max = x[i] > max ? x[i] : max;  // NaN never wins
+  if (max == kMinusInf) return 0;  // nothing to weigh
+  if (max == std::numeric_limits<float>::infinity()) return std::find(x, x + V, max) - x;  // it outweighs all
+  const int64_t num_spans = (V + kDrawSpan - 1) / kDrawSpan;
+  weights.resize(V);
+  span_mass.resize(num_spans);
+  float* w = weights.data();
   double total = 0.0;
   for (int64_t s = 0; s < num_spans; ++s) {
-    span_starts[s] = total;
-    const int64_t begin = s * kCdfSpan, end = std::min(begin + kCdfSpan, V);
-    if (!any_nonzero(p + begin, end - begin)) continue;
-    for (int64_t i = begin; i < end; ++i) total += static_cast<double>(p[i]);
+    const int64_t begin = s * kDrawSpan, end = std::min(begin + kDrawSpan, V);
+    int live = 0;
+#pragma omp simd reduction(| : live)
+    for (int64_t i = begin; i < end; ++i) live |= x[i] > kMinusInf;
+    double mass = 0.0;
+    if (live) {
+#pragma omp simd reduction(+ : mass)
+      for (int64_t i = begin; i < end; ++i) {
+        const float weight = x[i] > kMinusInf ? kiln_native::fast_exp(x[i] - max) : 0.f;
+        w[i] = weight;
+        mass += weight;
+      }
+    }
+    span_mass[s] = mass;
+    total += mass;
   }
-  span_starts[num_spans] = total;
   const double target = u * total;
-  // the first crossing; where u * total rounded up to the total, the first token reaching it
-  // (the same sums, so the last one equals the total exactly); NaN sums never cross
-  const auto crosses = [&](double sum) { return sum > target || sum == total; };
+  double above = 0.0;
   for (int64_t s = 0; s < num_spans; ++s) {
-    if (!crosses(span_starts[s + 1])) continue;
-    double sum = span_starts[s];
-    for (int64_t i = s * kCdfSpan;; ++i) {
-      sum += static_cast<double>(p[i]);
-      if (crosses(sum)) return i;
+    if (above + span_mass[s] <= target) {
+      above += span_mass[s];
+      continue;
+    }
+    for (int64_t i = s * kDrawSpan; i < std::min((s + 1) * kDrawSpan, V); ++i) {
+      if (w[i] == 0.f) continue;
+      above += w[i];
+      if (above > target) return i;
     }
   }
-  return V - 1;  // only NaN probabilities get here
+  int64_t s = num_spans - 1;
+  while (span_mass[s] == 0.0) --s;  // the max's span weighs at least 1
+  for (int64_t i = std::min((s + 1) * kDrawSpan, V) - 1;; --i) {
+    if (w[i] > 0.f) return i;
+  }
 }
 
 }  // namespace
 
-// probs [B, V] float32, uniform [B] float64 in [0, 1) -> [B] int64: per row the first token whose
-// float64 running sum exceeds u * total, or (u * total rounded up to the total) the first token
-// where the sum reaches the total. Bitwise the picks of the sampler's torch path (cumsum in
-// float64, searchsorted, clamped to the cdf's argmax), without its [B, V] float64 copy and
-// serial-per-element scan (64 x 49k rows on a 2-core AVX2 host: 1.9 ms, 0.6 for rows a top-k filter
-// left sparse; torch's path 35 ms).
-at::Tensor inverse_cdf_rows(const at::Tensor& probs, const at::Tensor& uniform) {
-  TORCH_CHECK(probs.dim() == 2 && probs.size(1) > 0 && probs.scalar_type() == at::kFloat,
-              "probs must be float32 [B, V] with V > 0");
-  TORCH_CHECK(uniform.dim() == 1 && uniform.size(0) == probs.size(0) && uniform.scalar_type() == at::kDouble,
+// logits [B, V] float32 (after temperature and filters), uniform [B] float64 in [0, 1) -> [B]
+// int64: per row, a draw from softmax(logits) by the inverse CDF at u. The same distribution as
+// the sampler's torch path (softmax, then float64 cumsum and searchsorted) up to float rounding,
+// not bitwise: exp is kiln's own and the sums go by spans. It spares the [B, V] probabilities,
+// their pass through memory, and a serial float64 sum over the whole row (64 x 49k rows on a
+// 2-core AVX2 host: softmax then the previous native draw ~5 ms, this ~1).
+at::Tensor softmax_draw_rows(const at::Tensor& logits, const at::Tensor& uniform) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.scalar_type() == at::kFloat,
+              "logits must be float32 [B, V] with V > 0");
+  TORCH_CHECK(uniform.dim() == 1 && uniform.size(0) == logits.size(0) && uniform.scalar_type() == at::kDouble,
               "uniform must be float64 [B]");
-  auto pc = probs.contiguous();
+  auto lc = logits.contiguous();
   auto uc = uniform.contiguous();
-  const int64_t B = pc.size(0), V = pc.size(1);
-  auto out = at::empty({B}, probs.options().dtype(at::kLong));
-  const float* pp = pc.data_ptr<float>();
+  const int64_t B = lc.size(0), V = lc.size(1);
+  auto out = at::empty({B}, logits.options().dtype(at::kLong));
+  const float* lp = lc.data_ptr<float>();
   const double* up = uc.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> span_starts;
-    for (int64_t b = begin; b < end; ++b) op[b] = inverse_cdf_index(pp + b * V, V, up[b], span_starts);
+    std::vector<float> weights;
+    std::vector<double> span_mass;
+    for (int64_t b = begin; b < end; ++b) op[b] = softmax_draw_index(lp + b * V, V, up[b], weights, span_mass);
   });
   return out;
 }
@@ -411,8 +426,8 @@ void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.impl("argmax_rows", c10::DispatchKey::CPU, &kiln_native::argmax_rows);
-  m.def("inverse_cdf_rows(Tensor probs, Tensor uniform) -> Tensor");
-  m.impl("inverse_cdf_rows", c10::DispatchKey::CPU, &kiln_native::inverse_cdf_rows);
+  m.def("softmax_draw_rows(Tensor logits, Tensor uniform) -> Tensor");
+  m.impl("softmax_draw_rows", c10::DispatchKey::CPU, &kiln_native::softmax_draw_rows);
   m.def("top_k_top_p_rows(Tensor(a!) logits, Tensor? top_k, Tensor? top_p) -> ()");
   m.impl("top_k_top_p_rows", c10::DispatchKey::CPU, &kiln_native::top_k_top_p_rows);
 }
