@@ -20,6 +20,15 @@ namespace {
 
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
+// The largest of x[begin..end), -inf if empty or all NaN (NaN never wins), as a reduction the
+// compiler vectorizes.
+float max_of(const float* x, int64_t begin, int64_t end) {
+  float max = kMinusInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t i = begin; i < end; ++i) max = x[i] > max ? x[i] : max;
+  return max;
+}
+
 // The k-th largest of row[0..V), duplicates counted (0 < k < V), without NaN.
 // The k-th largest of the spans' maxima bounds it from below (those k maxima are k values of the
 // row), so only the values at or above that bound, in the few spans whose maximum reaches it, are
@@ -31,12 +40,7 @@ float kth_largest(const float* row, int64_t V, int64_t k, std::vector<float>& sc
   const int64_t num_spans = (V + kSpan - 1) / kSpan;
   if (4 * k <= num_spans) {
     maxima.resize(num_spans);
-    for (int64_t s = 0; s < num_spans; ++s) {
-      float max = kMinusInf;
-#pragma omp simd reduction(max : max)
-      for (int64_t i = s * kSpan; i < std::min((s + 1) * kSpan, V); ++i) max = max > row[i] ? max : row[i];
-      maxima[s] = max;
-    }
+    for (int64_t s = 0; s < num_spans; ++s) maxima[s] = max_of(row, s * kSpan, std::min((s + 1) * kSpan, V));
     scratch.assign(maxima.begin(), maxima.end());
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
     const float bound = scratch[k - 1];
@@ -122,9 +126,7 @@ void cut_in_order(float* row, std::vector<int64_t>& order, double above, double 
 constexpr size_t kMaxSorted = 4096;
 
 void top_p_row(float* row, int64_t V, double top_p, std::vector<float>& probs, std::vector<int64_t>& candidates) {
-  float max = kMinusInf;
-#pragma omp simd reduction(max : max)
-  for (int64_t i = 0; i < V; ++i) max = max > row[i] ? max : row[i];
+  const float max = max_of(row, 0, V);
   if (max == kMinusInf) return;
   probs.resize(V);
   float* p = probs.data();
@@ -294,9 +296,7 @@ constexpr int64_t kDrawSpan = 64;
 // past the last sum, the last token of nonzero weight is drawn.
 int64_t softmax_draw_index(const float* x, int64_t V, double u, std::vector<float>& weights,
                            std::vector<double>& span_mass) {
-  float max = kMinusInf;
-#pragma omp simd reduction(max : max)
-  for (int64_t i = 0; i < V; ++i) max = x[i] > max ? x[i] : max;  // NaN never wins
+  const float max = max_of(x, 0, V);
   if (max == kMinusInf) return 0;  // nothing to weigh
   if (max == std::numeric_limits<float>::infinity()) return std::find(x, x + V, max) - x;  // it outweighs all
   const int64_t num_spans = (V + kDrawSpan - 1) / kDrawSpan;
