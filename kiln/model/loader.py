@@ -150,8 +150,8 @@ def _gguf_weights(path: str, hf_config: Any, model: nn.Module) -> tuple[Weights,
     """Dequantize GGUF tensors one by one to float32 under their HF names (undoing llama.cpp's
     q/k row permutation for the llama architecture, as transformers' GGUF reader does)."""
     import gguf
-    import numpy as np
 
+    from kiln.model.gguf_dequant import dequantize
     from kiln.model.gguf_index import read_gguf_tensors
 
     arch, tensors = read_gguf_tensors(path)
@@ -172,22 +172,20 @@ def _gguf_weights(path: str, hf_config: Any, model: nn.Module) -> tuple[Weights,
         for tensor in tensors:
             if tensor.name.startswith("rope_freqs"):  # llama3 rope factors, already in the config
                 continue
-            array = gguf.dequantize(tensor.data, tensor.tensor_type)
+            values = dequantize(tensor.data, tensor.tensor_type)
             if arch == "llama" and ".attn_q." in tensor.name:
-                array = _unpermute_qk(array, num_heads)
+                values = _unpermute_qk(values, num_heads)
             elif arch == "llama" and ".attn_k." in tensor.name:
-                array = _unpermute_qk(array, num_kv_heads)
-            if not array.flags.writeable:  # an unquantized tensor is a read-only view of the file
-                array = array.copy()
-            yield gguf_to_hf.get(tensor.name, tensor.name), torch.from_numpy(np.ascontiguousarray(array))
+                values = _unpermute_qk(values, num_kv_heads)
+            yield gguf_to_hf.get(tensor.name, tensor.name), values
 
     return weights(), len(tensors)
 
 
-def _unpermute_qk(weights: Any, num_heads: int) -> Any:
+def _unpermute_qk(weights: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp interleaves each head's rotary halves; restore HF's rotate_half layout."""
     dim = weights.shape[0] // num_heads // 2
-    return weights.reshape(num_heads, dim, 2, *weights.shape[1:]).swapaxes(2, 1).reshape(weights.shape)
+    return weights.reshape(num_heads, dim, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)
 
 
 def _checkpoint_names(model: nn.Module) -> list[str]:
