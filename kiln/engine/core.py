@@ -13,36 +13,20 @@ not the engine.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from kiln.config import EngineConfig
 from kiln.core.outputs import EngineCoreOutput, ModelRunnerOutput
-from kiln.core.request import Request, RequestStatus
+from kiln.core.request import EngineCoreRequest, Request, RequestStatus
 from kiln.core.sched_output import SchedulerOutput
 from kiln.core.scheduler import Scheduler
 from kiln.core.stats import SchedulerStats
 from kiln.engine.profiler import StepProfiler
 from kiln.logger import init_logger
 from kiln.metrics.stats import IterationStats, RequestStatsTracker
-from kiln.sampling.params import SamplingParams
 from kiln.worker.model_runner import LaunchedStep
 from kiln.worker.worker import Worker
 
 logger = init_logger(__name__)
-
-
-@dataclass(slots=True)
-class EngineCoreRequest:
-    """A validated, tokenized request as the core receives it."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_id: int | None
-    max_tokens: int
-    arrival_time: float
-    priority: int = 0
-    prefill_leader_id: str | None = None
 
 
 class EngineCore:

@@ -17,14 +17,18 @@ import importlib
 import signal
 import traceback
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from kiln.config import EngineConfig
 from kiln.core.outputs import EngineCoreOutput
-from kiln.engine.core import EngineCore, EngineCoreRequest
+from kiln.core.request import EngineCoreRequest
 from kiln.engine.wire import RequestDecoder, dumps, loads
 from kiln.errors import KilnError
 from kiln.logger import init_logger
 from kiln.tokenizer import tokenizer_for
+
+if TYPE_CHECKING:
+    from kiln.engine.core import EngineCore
 
 logger = init_logger(__name__)
 
@@ -34,6 +38,9 @@ def run_engine_core(conn: Connection) -> None:
     it has one, so these imports overlap its own), build the core, report ("ready", None) or
     ("failed", the exception), then serve the frontend until it says shutdown or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the frontend stops us
+    # Imported here, not at the top: the frontend imports this module only to name this function.
+    from kiln.engine.core import EngineCore
+
     importlib.import_module("transformers.configuration_utils")  # what unpickling the config needs
 
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import EngineConfig
-from kiln.engine.core import EngineCoreRequest
+from kiln.core.request import EngineCoreRequest
 from kiln.errors import InvalidRequestError
 from kiln.sampling.params import SamplingParams
 

@@ -9,10 +9,10 @@ class on its engine thread, with the core either in-process or in its own proces
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from kiln.config import EngineArgs, EngineConfig
-from kiln.core.request import RequestStatus
-from kiln.engine.core import EngineCore, EngineCoreRequest
+from kiln.core.request import EngineCoreRequest, RequestStatus
 from kiln.engine.core_client import EngineCoreClient
 from kiln.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from kiln.engine.output_processor import OutputProcessor
@@ -22,7 +22,18 @@ from kiln.outputs import RequestOutput
 from kiln.sampling.params import SamplingParams
 from kiln.tokenizer import eos_token_id_of, tokenizer_for
 
+if TYPE_CHECKING:
+    from kiln.engine.core import EngineCore
+
 logger = init_logger(__name__)
+
+
+def _in_process_core(config: EngineConfig) -> EngineCore:
+    """Imported here: a server's frontend, whose core runs in another process, never loads the
+    model runner and its dependencies (a few seconds of imports before that process could start)."""
+    from kiln.engine.core import EngineCore
+
+    return EngineCore(config)
 
 
 class LLMEngine:
@@ -37,7 +48,7 @@ class LLMEngine:
                 core_client.start(config)  # the model loads there while the tokenizer loads here
             self.tokenizer = tokenizer_for(mc)
             self.core: EngineCore | EngineCoreClient = (
-                core_client.connect(self.tokenizer) if core_client is not None else EngineCore(config))
+                core_client.connect(self.tokenizer) if core_client is not None else _in_process_core(config))
         except BaseException:
             if core_client is not None:
                 core_client.shutdown()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.engine.core import EngineCoreRequest
+from kiln.core.request import EngineCoreRequest
 from kiln.engine.wire import RequestDecoder, RequestEncoder, dumps, loads
 from kiln.sampling.params import SamplingParams
 from kiln.structured.params import StructuredOutputsParams
