@@ -238,6 +238,25 @@ def test_long_prefill_chunks_match_direct_computation(window, decode_path, make_
                                   make_attn_metadata, device=decode_path)
 
 
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("window", [None, 50])
+def test_blocks_of_several_tiles_match_direct_computation(block, window, decode_path, make_attn_metadata):
+    """Blocks of 32 and 64 keys (the CPU's default where the pairs layout does not run): the rows
+    kernels read a block as tiles of 16 keys; chunks start inside blocks and inside tiles."""
+    layer = Attention(6, 2, 64, scale=64**-0.5, sliding_window=window)
+    check_steps_against_reference(layer, block, torch.bfloat16, 3e-2, [[150, 37, 80], [1, 70, 1], [1, 1, 1]],
+                                  make_attn_metadata, device=decode_path)
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_the_rows_prefill_kernel_takes_blocks_of_several_tiles(block):
+    """(so that the test above runs it on the native path)"""
+    if native.paged_prefill_attention_rows() is None:
+        pytest.skip("the rows-layout kernels do not run here")
+    cache = torch.zeros(4, 2, block, 64, dtype=torch.bfloat16)
+    assert attention.prefill_kernel(cache, False, torch.bfloat16) is native.paged_prefill_attention_rows()
+
+
 def test_query_rows_of_a_wider_tensor_match_direct_computation(decode_path, make_attn_metadata):
     """The queries as the model hands them over, a view of the fused projection's rows (row stride
     wider than the heads): the kernels read them in place."""

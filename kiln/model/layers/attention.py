@@ -148,11 +148,11 @@ def _decode_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
 
 def prefill_kernel(k_cache: torch.Tensor, pairs_layout: bool, q_dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
     """The native prefill kernel for the cache's layout: pairs (AVX512-BF16), or rows (AVX2) where
-    bfloat16 queries attend over a bfloat16 or fp8 cache on CPU with 16-key blocks and head_dim a
-    multiple of 16."""
+    bfloat16 queries attend over a bfloat16 or fp8 cache on CPU with blocks of a multiple of 16 keys
+    and head_dim a multiple of 16."""
     if pairs_layout:
         return native.paged_prefill_attention()
-    if (k_cache.device.type != "cpu" or q_dtype != torch.bfloat16 or k_cache.shape[2] != 16 or k_cache.shape[3] % 16
+    if (k_cache.device.type != "cpu" or q_dtype != torch.bfloat16 or k_cache.shape[2] % 16 or k_cache.shape[3] % 16
             or not (k_cache.dtype == torch.bfloat16 or kv_layout.is_fp8(k_cache))):
         return None
     return native.paged_prefill_attention_rows()

@@ -17,7 +17,8 @@
 // adds the rounded values.
 //
 // Layout: q [T, H, D], the rows of the sequences one after another (query_starts [S + 1] int32);
-// caches [num_blocks, KH, 16, D] (rows tiles); block_tables [S, max_blocks] int32; seq_lens [S]
+// caches [num_blocks, KH, block_size, D] (rows; block_size a multiple of 16, read as tiles of 16
+// keys); block_tables [S, max_blocks] int32; seq_lens [S]
 // int32 (keys visible to the sequence's last query, itself included; its queries are the last
 // positions). sliding_window <= 0 means none; otherwise a query sees its last `sliding_window` keys.
 
@@ -50,7 +51,7 @@ using kiln_native::bf16_to_float;
 using kiln_native::load_chunk;  // a tile's values as bfloat16 bits or fp8 (simd_math.h)
 using kiln_native::widen8;
 
-constexpr int64_t kKeys = 16;       // keys per cache block
+constexpr int64_t kKeys = 16;       // keys per tile (a cache block holds one or more tiles)
 constexpr int64_t kSpanBlocks = 4;  // blocks per step of the running softmax (see TaskRows)
 constexpr int64_t kSpan = kSpanBlocks * kKeys;
 constexpr int64_t kPositions = 16;  // query positions per task
@@ -177,9 +178,10 @@ template <typename C>
 void prefill_attention_rows(const uint16_t* q, const C* k_cache, const C* v_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_starts,
                             uint16_t* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t D,
-                            int64_t max_blocks, float scale, int64_t window, int64_t q_row_stride) {
+                            int64_t max_blocks, int64_t block_size, float scale, int64_t window,
+                            int64_t q_row_stride) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t tile = kKeys * D, block = num_kv_heads * tile;
+  const int64_t tiles_per_block = block_size / kKeys;
   const float k_scale = scale * kiln_native::kRawScale<C>;  // fp8 tiles widen raw (simd_math.h)
   const auto make_state = [&] { return TaskRows(kPositions * group, D); };
   kiln_native::for_each_prefill_task(query_starts, num_seqs, num_kv_heads, kPositions, make_state,
@@ -190,6 +192,10 @@ void prefill_attention_rows(const uint16_t* q, const C* k_cache, const C* v_cach
     const int64_t first_key = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
     const int32_t* table = block_tables + s * max_blocks;
     const int64_t rows = positions * group;
+    // tile t of kv head kh: its block's rows of that head, t's 16 of them
+    auto tile_at = [&](const C* cache, int64_t t) {
+      return cache + ((table[t / tiles_per_block] * num_kv_heads + kh) * block_size + t % tiles_per_block * kKeys) * D;
+    };
     // row r = (position r / group, head kh * group + r % group), in q and in the output
     auto q_row = [&](int64_t r) { return (query_starts[s] + i0 + r / group) * q_row_stride + (kh * group + r % group) * D; };
     auto out_row = [&](int64_t r) { return ((query_starts[s] + i0 + r / group) * num_heads + kh * group + r % group) * D; };
@@ -204,8 +210,8 @@ void prefill_attention_rows(const uint16_t* q, const C* k_cache, const C* v_cach
       const int64_t blocks = std::min(kSpanBlocks, last_key / kKeys + 1 - b0), key0 = b0 * kKeys;
       const C* vt[kSpanBlocks];
       for (int64_t g = 0; g < blocks; ++g) {
-        transpose_tile(k_cache + table[b0 + g] * block + kh * tile, D, st.kt.data() + g * D * kKeys);
-        vt[g] = v_cache + table[b0 + g] * block + kh * tile;
+        transpose_tile(tile_at(k_cache, b0 + g), D, st.kt.data() + g * D * kKeys);
+        vt[g] = tile_at(v_cache, b0 + g);
       }
       for_row_tiles(rows, [&](auto R, int64_t r0) {
         tile_scores<decltype(R)::value>(st.q.data() + r0 * D, D, st.kt.data(), blocks, st.scores() + r0);
@@ -274,7 +280,7 @@ at::Tensor paged_prefill_attention_rows(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& query_starts, double scale, int64_t sliding_window) {
   TORCH_CHECK(rows_prefill_available(), "paged_prefill_attention_rows needs AVX2, FMA and F16C");
   const kiln_native::PrefillInputs in =
-      kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 16, true);
+      kiln_native::prefill_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_starts, 16, true, true);
   auto out = in.new_output();
 #if defined(KILN_FP8_SIMD)
   kiln_native::with_cache_type<uint16_t>(k_cache.scalar_type(), [&](auto cache_type) {  // bfloat16 as bits
@@ -283,7 +289,7 @@ at::Tensor paged_prefill_attention_rows(const at::Tensor& q, const at::Tensor& k
         reinterpret_cast<const C*>(k_cache.data_ptr()), reinterpret_cast<const C*>(v_cache.data_ptr()),
         in.block_tables.data_ptr<int32_t>(), in.seq_lens.data_ptr<int32_t>(), in.query_starts.data_ptr<int32_t>(),
         reinterpret_cast<uint16_t*>(out.data_ptr()), in.num_seqs, in.num_heads, in.num_kv_heads, in.head_dim,
-        in.max_blocks, static_cast<float>(scale), sliding_window, in.q_row_stride);
+        in.max_blocks, in.block_size, static_cast<float>(scale), sliding_window, in.q_row_stride);
   });
 #endif
   return out;

@@ -16,10 +16,11 @@
 namespace kiln_native {
 
 // Both kernels' inputs as they read them: checked (head_dim a multiple of `dim_multiple`; caches
-// bfloat16, or fp8 where `fp8_caches`), the query and tables contiguous, and the geometry.
+// bfloat16, or fp8 where `fp8_caches`; blocks of 16 keys, or of any multiple of 16 where
+// `block_multiples`), the query and tables contiguous, and the geometry.
 struct PrefillInputs {
   at::Tensor q, block_tables, seq_lens, query_starts;
-  int64_t num_seqs, num_heads, num_kv_heads, head_dim, max_blocks;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim, max_blocks, block_size;
   int64_t q_row_stride;  // elements from one query row to the next (its heads are contiguous)
 
   // the output: [T, H, D], contiguous
@@ -28,7 +29,8 @@ struct PrefillInputs {
 
 inline PrefillInputs prefill_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                    const at::Tensor& query_starts, int64_t dim_multiple, bool fp8_caches = false) {
+                                    const at::Tensor& query_starts, int64_t dim_multiple, bool fp8_caches = false,
+                                    bool block_multiples = false) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   const at::ScalarType cache = k_cache.scalar_type();
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == cache &&
@@ -38,8 +40,11 @@ inline PrefillInputs prefill_inputs(const at::Tensor& q, const at::Tensor& k_cac
                   query_starts.scalar_type() == at::kInt, "int32 tables");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t head_dim = q.size(2);
-  TORCH_CHECK(k_cache.size(2) == 16 && k_cache.size(3) == head_dim && head_dim % dim_multiple == 0,
-              "16-key blocks and head_dim a multiple of ", dim_multiple);
+  const int64_t block_size = k_cache.size(2);
+  TORCH_CHECK((block_multiples ? block_size % 16 == 0 : block_size == 16) && k_cache.size(3) == head_dim &&
+                  head_dim % dim_multiple == 0,
+              block_multiples ? "blocks of a multiple of 16 keys" : "16-key blocks", " and head_dim a multiple of ",
+              dim_multiple);
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must group over the kv heads");
   TORCH_CHECK(block_tables.size(0) == seq_lens.size(0) && query_starts.size(0) == seq_lens.size(0) + 1,
               "one table, length and start per sequence");
@@ -47,7 +52,7 @@ inline PrefillInputs prefill_inputs(const at::Tensor& q, const at::Tensor& k_cac
   // output): a copy of a 2048-token chunk cost ~0.2 ms per layer
   const at::Tensor rows = q.stride(2) == 1 && q.stride(1) == head_dim ? q : q.contiguous();
   return {rows, block_tables.contiguous(), seq_lens.contiguous(), query_starts.contiguous(),
-          seq_lens.size(0), q.size(1), k_cache.size(1), head_dim, block_tables.size(1), rows.stride(0)};
+          seq_lens.size(0), q.size(1), k_cache.size(1), head_dim, block_tables.size(1), block_size, rows.stride(0)};
 }
 
 // body(thread's state, sequence, first query of the tile, queries in the tile, kv head) for every
