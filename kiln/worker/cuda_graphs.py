@@ -31,7 +31,6 @@ from typing import Protocol
 import torch
 
 from kiln.model.forward_context import AttentionMetadata, forward_context
-from kiln.model.layers import triton_attention
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,11 @@ def graph_factory() -> Callable[[], Graph]:
 
 def supported(device: torch.device) -> bool:
     """Graphs need CUDA and the Triton attention kernel (the torch fallback reads host-side lengths)."""
-    return device.type == "cuda" and triton_attention.available(device)
+    if device.type != "cuda":
+        return False
+    from kiln.model.layers import triton_attention  # Triton: imported on CUDA only
+
+    return triton_attention.available(device)
 
 
 class DecodeGraphs:

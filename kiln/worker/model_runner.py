@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,10 +33,12 @@ from kiln.model.forward_context import AttentionMetadata, forward_context
 from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
 from kiln.sampling.sampler import Sampler, SamplerOutput, gather_logprobs, to_logprobs_lists
-from kiln.structured.backend import GrammarState, allocate_bitmask, apply_bitmask
 from kiln.transfer import to_device
 from kiln.worker.block_table import BlockTables
-from kiln.worker.cuda_graphs import DecodeGraphs
+
+if TYPE_CHECKING:
+    from kiln.structured.backend import GrammarState
+    from kiln.worker.cuda_graphs import DecodeGraphs
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -191,6 +194,8 @@ class ModelRunner:
             generator = torch.Generator(device=self.device)
         grammar = None
         if params.compiled_grammar is not None:
+            from kiln.structured.backend import GrammarState  # xgrammar: only once a grammar arrives
+
             grammar = GrammarState.for_compiled(params.compiled_grammar, params.reasoning_gate)
             grammar.replay(new.output_token_ids)  # resumed after preemption: catch the matcher up
         self.requests[new.req_id] = RunnerRequestState(
@@ -342,6 +347,8 @@ class ModelRunner:
                 if (grammar := self.requests[r].grammar) is not None and grammar.masks_next_token]
         if not rows:
             return logits
+        from kiln.structured.backend import allocate_bitmask, apply_bitmask
+
         logits = logits.float()
         bitmask = allocate_bitmask(len(req_ids), logits.shape[-1])
         for row in rows:

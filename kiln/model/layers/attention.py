@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.model.forward_context import AttentionMetadata, get_attn_metadata
-from kiln.model.layers import kv_layout, native, triton_attention
+from kiln.model.layers import kv_layout, native
 
 
 @dataclass
@@ -160,9 +160,11 @@ def prefill_kernel(k_cache: torch.Tensor, pairs_layout: bool, q_dtype: torch.dty
 
 def _triton_kernel(k_cache: torch.Tensor, pairs_layout: bool) -> Callable[..., torch.Tensor] | None:
     """The Triton kernel on CUDA (rows layout); the tests also run it on CPU under Triton's interpreter."""
-    if pairs_layout or k_cache.device.type != "cuda" or not triton_attention.available(k_cache.device):
+    if pairs_layout or k_cache.device.type != "cuda":
         return None
-    return triton_attention.paged_attention
+    from kiln.model.layers import triton_attention  # Triton: imported on CUDA only
+
+    return triton_attention.paged_attention if triton_attention.available(k_cache.device) else None
 
 
 class Attention(nn.Module):
