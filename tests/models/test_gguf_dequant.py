@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from kiln.model import gguf_dequant
 from kiln.model.gguf_dequant import _BLOCK_DEQUANTIZERS, dequantize
 from kiln.model.gguf_index import read_gguf_tensors
 
 # byte offsets of each type's float16 fields (scales and minimums), which random bytes would fill
 # with NaNs and infinities
-_FLOAT16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+_FLOAT16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+                   "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
 def _assert_bitwise(ours: torch.Tensor, reference: np.ndarray) -> None:
@@ -49,6 +51,15 @@ def test_random_blocks_match_gguf(type_name):
     _assert_bitwise(dequantize(data, qtype), gguf.dequantize(data, qtype))
 
 
+@pytest.mark.parametrize("type_name", sorted(_BLOCK_DEQUANTIZERS))
+def test_tensors_dequantized_in_several_chunks_match_gguf(type_name, monkeypatch):
+    """(the last chunk shorter than the others)"""
+    monkeypatch.setattr(gguf_dequant, "_CHUNK_VALUES", 64)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    data = _random_tensor(type_name, rows=5, blocks_per_row=3)
+    _assert_bitwise(dequantize(data, qtype), gguf.dequantize(data, qtype))
+
+
 @pytest.mark.parametrize("type_name", ["F32", "F16"])
 def test_plain_types_match_gguf(type_name):
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -61,9 +72,9 @@ def test_plain_types_match_gguf(type_name):
 
 
 def test_other_types_fall_back_to_gguf():
-    qtype = gguf.GGMLQuantizationType.Q5_0
-    assert "Q5_0" not in _BLOCK_DEQUANTIZERS
-    data = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType.TQ2_0
+    assert qtype.name not in _BLOCK_DEQUANTIZERS
+    data = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
     quantized = gguf.quantize(data, qtype)
     _assert_bitwise(dequantize(quantized, qtype), gguf.dequantize(quantized, qtype))
 
