@@ -537,9 +537,9 @@ class EngineArgs:
         if model_path.endswith(".gguf") and load_format == "auto":
             load_format = "gguf"
         hf_config = load_hf_config(model_path, self.trust_remote_code, self.revision)
-        from kiln.model.registry import architecture_of, get_model_class
+        from kiln.model.registry import architecture_of, check_supported
 
-        get_model_class(architecture_of(hf_config))  # an unsupported model fails before any loading
+        check_supported(architecture_of(hf_config))  # an unsupported model fails before any loading
         tokenizer_path = model_path
         if self.tokenizer is not None:
             tokenizer_path = resolve_model_path(self.tokenizer, self.tokenizer_revision, self.download_dir)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # architecture -> (module under kiln.model, class name)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -25,12 +26,18 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model_class(architecture: str) -> type[nn.Module]:
+def check_supported(architecture: str) -> None:
+    """Raise UnsupportedFeatureError for an architecture kiln has no model for (without importing
+    the model code, which the server's frontend never needs)."""
     if architecture not in _MODELS:
         raise UnsupportedFeatureError(
             f"Model architecture {architecture!r} is not supported; kiln supports: "
             f"{', '.join(supported_architectures())}."
         )
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    check_supported(architecture)
     module_name, class_name = _MODELS[architecture]
     return getattr(importlib.import_module(f"kiln.model.{module_name}"), class_name)
 
