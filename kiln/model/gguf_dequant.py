@@ -135,31 +135,27 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     return (scale * q).reshape(n, QK_K)
 
 
-def _k_scales_and_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K's eight 6-bit scales and mins of each super-block, from its 12 packed bytes."""
-    n = scales.shape[0]
-    scale_bits, min_bits, shared_bits = scales.reshape(n, 3, 4).unbind(1)
+def _k_scale_and_offset(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's per-32-value scale and offset [n, 8, 1]: d and dmin times the eight 6-bit scales
+    and mins packed in bytes 4-15."""
+    n = blocks.shape[0]
+    scale_bits, min_bits, shared_bits = blocks[:, 4:16].reshape(n, 3, 4).unbind(1)
     sc = torch.cat([scale_bits & 0x3F, (shared_bits & 0x0F) | ((scale_bits >> 2) & 0x30)], dim=-1)
     mins = torch.cat([min_bits & 0x3F, (shared_bits >> 4) | ((min_bits >> 2) & 0x30)], dim=-1)
-    return sc, mins
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    return (d * sc.float()).view(n, 8, 1), (dmin * mins.float()).view(n, 8, 1)
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    sc, mins = _k_scales_and_mins(blocks[:, 4:16])
-    scale = (d * sc.float()).view(n, 8, 1)
-    offset = (dmin * mins.float()).view(n, 8, 1)
+    scale, offset = _k_scale_and_offset(blocks)
     q = _shifted(blocks[:, 16:].reshape(n, 4, 32), [0, 4], 0x0F).reshape(n, 8, 32).float()
     return (scale * q - offset).reshape(n, QK_K)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    sc, mins = _k_scales_and_mins(blocks[:, 4:16])
-    scale = (d * sc.float()).view(n, 8, 1)
-    offset = (dmin * mins.float()).view(n, 8, 1)
+    scale, offset = _k_scale_and_offset(blocks)
     low = _shifted(blocks[:, 48:].reshape(n, 4, 32), [0, 4], 0x0F).reshape(n, 8, 32)
     high = _shifted(blocks[:, 16:48].reshape(n, 1, 32), list(range(8)), 0x01).reshape(n, 8, 32)
     q = (low | (high << 4)).float()
