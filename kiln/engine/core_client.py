@@ -18,9 +18,8 @@ from typing import Any
 
 from kiln.config import EngineConfig
 from kiln.core.outputs import EngineCoreOutput
-from kiln.core.request import RequestStatus
+from kiln.core.request import EngineCoreRequest, RequestStatus
 from kiln.core.stats import SchedulerStats
-from kiln.core.request import EngineCoreRequest
 from kiln.engine.core_proc import run_engine_core
 from kiln.engine.wire import RequestEncoder, dumps, loads
 from kiln.errors import EngineDeadError

@@ -52,7 +52,7 @@ using kiln_native::load_chunk;  // a tile's values as bfloat16 bits or fp8 (simd
 using kiln_native::widen8;
 
 constexpr int64_t kKeys = 16;       // keys per tile (a cache block holds one or more tiles)
-constexpr int64_t kSpanBlocks = 4;  // blocks per step of the running softmax (see TaskRows)
+constexpr int64_t kSpanBlocks = 4;  // tiles per step of the running softmax (see TaskRows)
 constexpr int64_t kSpan = kSpanBlocks * kKeys;
 constexpr int64_t kPositions = 16;  // query positions per task
 constexpr int64_t kRowTile = 6;     // rows per register tile: 12 accumulators
@@ -163,7 +163,7 @@ inline void for_row_tiles(int64_t rows, F&& f) {
 }
 
 // One task's rows: queries (scaled, natural order), running max and sum, sums of V (chunk order),
-// and the scratch of one span of keys. The running softmax steps a span of 4 blocks at a time:
+// and the scratch of one span of keys. The running softmax steps a span of 4 tiles at a time:
 // its per-row work (max, rescaling the sums, bookkeeping) is paid once per 64 keys, not per 16.
 struct TaskRows {
   std::vector<float> q, acc, max, sum, kt, score_rows;
