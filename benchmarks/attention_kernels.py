@@ -1,6 +1,6 @@
 """The native CPU attention kernels on SmolLM2-135M's shapes, over caches allocated as the server does.
 
-    python benchmarks/attention_kernels.py [--seqs 64] [--keys 320] [--reps 12]
+    python benchmarks/attention_kernels.py [--seqs 64] [--keys 320] [--reps 12] [--block-size 16]
                                            [--cache-dtypes bfloat16 fp8 fp8_e5m2]
 
 Decode: one step of 30 layers, --seqs sequences of --keys keys each, with three block orders:
@@ -9,7 +9,8 @@ consecutive (each sequence's blocks side by side) and resident (every sequence r
 blocks, so the cache stays in L2: the arithmetic alone). Prefill: 8 prompts of 256 tokens over 30
 layers, as one 2048-token chunk. Per cache dtype (`--kv-cache-dtype`'s values; bfloat16 is what
 auto gives a bfloat16 model): bfloat16 caches take the pairs layout where the AVX512-BF16 kernels
-run and the rows layout elsewhere, fp8 caches the rows layout (kv_layout.py). Caches are huge-page
+run and the rows layout elsewhere, fp8 caches the rows layout (kv_layout.py); blocks of other
+than 16 keys take the rows layout everywhere. Caches are huge-page
 backed (worker/cpu_kv_memory.py) and filled before timing. The dtypes are timed in turn within
 each repetition (this machine's speed drifts by tens of per cent within minutes, so compare
 variants interleaved in one process, not runs of this script taken apart); prints the medians.
@@ -29,14 +30,15 @@ from kiln.model.layers import kv_layout, native
 from kiln.model.layers.attention import prefill_kernel
 from kiln.worker.cpu_kv_memory import CpuKVMemory
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
+HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
 PROMPTS, PROMPT_LEN = 8, 256
 
 
-def filled_caches(memory: CpuKVMemory, num_blocks: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def filled_caches(memory: CpuKVMemory, num_blocks: int, block: int,
+                  dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     caches = []
     for _ in range(LAYERS):
-        pair = tuple(memory.zeros((num_blocks, KV_HEADS, BLOCK, HEAD_DIM), dtype) for _ in range(2))
+        pair = tuple(memory.zeros((num_blocks, KV_HEADS, block, HEAD_DIM), dtype) for _ in range(2))
         for cache in pair:
             cache.copy_(kv_layout.to_cache_dtype(torch.randn(cache.shape), dtype))
         caches.append(pair)
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--keys", type=int, default=320)
     parser.add_argument("--reps", type=int, default=12)
+    parser.add_argument("--block-size", type=int, default=16, help="keys per cache block (a multiple of 16)")
     parser.add_argument("--cache-dtypes", nargs="+", default=["bfloat16", "fp8", "fp8_e5m2"])
     args = parser.parse_args()
     decode = native.paged_decode_attention()
@@ -68,8 +71,9 @@ def main() -> None:
         raise SystemExit("the native kernels do not run on this machine")
     torch.manual_seed(0)
     memory = CpuKVMemory()
-    blocks_per_seq = -(-args.keys // BLOCK)
-    num = max(args.seqs * blocks_per_seq, PROMPTS * PROMPT_LEN // BLOCK)
+    block = args.block_size
+    blocks_per_seq = -(-args.keys // block)
+    num = max(args.seqs * blocks_per_seq, PROMPTS * PROMPT_LEN // block)
     scale = HEAD_DIM**-0.5
     q = torch.randn(args.seqs, HEADS, HEAD_DIM, dtype=torch.bfloat16)
     lens = torch.full((args.seqs,), args.keys, dtype=torch.int32)
@@ -79,7 +83,7 @@ def main() -> None:
         "consecutive": torch.arange(used, dtype=torch.int32).view(args.seqs, blocks_per_seq),
         "resident": torch.arange(blocks_per_seq, dtype=torch.int32).repeat(args.seqs, 1),
     }
-    prefill_table = torch.randperm(PROMPTS * PROMPT_LEN // BLOCK).to(torch.int32).view(PROMPTS, -1)
+    prefill_table = torch.randperm(PROMPTS * PROMPT_LEN // block).to(torch.int32).view(PROMPTS, -1)
     prefill_q = torch.randn(PROMPTS * PROMPT_LEN, HEADS, HEAD_DIM, dtype=torch.bfloat16)
     prefill_lens = torch.full((PROMPTS,), PROMPT_LEN, dtype=torch.int32)
     starts = torch.arange(0, PROMPTS * PROMPT_LEN + 1, PROMPT_LEN, dtype=torch.int32)
@@ -88,7 +92,7 @@ def main() -> None:
     prefill_runs: dict[str, Callable[[], None]] = {}
     for name in args.cache_dtypes:
         dtype = CacheConfig(cache_dtype="auto" if name == "bfloat16" else name).kv_torch_dtype(torch.bfloat16)
-        caches = filled_caches(memory, num, dtype)
+        caches = filled_caches(memory, num, block, dtype)
         pairs = kv_layout.uses_pairs_layout(caches[0][0])
         label = f"{name} ({'pairs' if pairs else 'rows'})"
         for order, table in tables.items():
@@ -102,7 +106,7 @@ def main() -> None:
                 for k_cache, v_cache in caches:
                     prefill(prefill_q, k_cache, v_cache, prefill_table, prefill_lens, starts, scale, 0)
             prefill_runs[label] = chunk
-    print(f"decode attention, {LAYERS} layers x {args.seqs} sequences x {args.keys} keys (ms):")
+    print(f"decode attention, {LAYERS} layers x {args.seqs} sequences x {args.keys} keys, blocks of {block} (ms):")
     for order, runs in decode_runs.items():
         medians = interleaved_medians(runs, args.reps)
         print(f"  {order:<12}" + "  ".join(f"{label} {ms:7.2f}" for label, ms in medians.items()))
