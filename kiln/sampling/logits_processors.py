@@ -30,7 +30,7 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
         rows, token_ids, biases = metadata.logit_bias
         logits.index_put_((rows, token_ids), biases, accumulate=True)
     if metadata.min_tokens:
-        apply_min_tokens(logits, metadata.min_tokens, metadata.output_token_ids)
+        apply_min_tokens(logits, metadata.min_tokens)
     if not metadata.no_penalties:
         assert metadata.repetition_penalties is not None and metadata.prompt_token_ids is not None
         assert metadata.frequency_penalties is not None and metadata.presence_penalties is not None
@@ -68,16 +68,13 @@ def apply_bad_words(
     return logits
 
 
-def apply_min_tokens(
-    logits: torch.Tensor, min_tokens: dict[int, tuple[int, list[int]]], output_token_ids: list[list[int]]
-) -> torch.Tensor:
-    """Ban EOS and the stop token ids of rows that have generated fewer than min_tokens tokens."""
+def apply_min_tokens(logits: torch.Tensor, min_tokens: dict[int, list[int]]) -> torch.Tensor:
+    """Ban EOS and the stop token ids of the rows still short of min_tokens (`SamplingMetadata.min_tokens`)."""
     rows: list[int] = []
     token_ids: list[int] = []
-    for row, (min_len, banned) in min_tokens.items():
-        if len(output_token_ids[row]) < min_len:
-            rows.extend([row] * len(banned))
-            token_ids.extend(banned)
+    for row, banned in min_tokens.items():
+        rows.extend([row] * len(banned))
+        token_ids.extend(banned)
     _ban(logits, rows, token_ids)
     return logits
 

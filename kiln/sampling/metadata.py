@@ -26,6 +26,13 @@ class SamplingRow:
     generator: torch.Generator | None = None
     """The request's own generator, for seeded rows; already positioned by the caller."""
     eos_token_id: int | None = None
+    pending_index: int | None = None
+    """Asynchronous scheduling: the row of `build`'s `pending_token_ids` holding this request's latest
+    token, sampled by the step before but not read back yet (it follows `output_token_ids`)."""
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + (self.pending_index is not None)
 
 
 @dataclass(slots=True)
@@ -60,19 +67,23 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None = None  # [B, max_prompt_len] int64, padded with vocab_size
     output_token_ids_padded: torch.Tensor | None = None  # [B, max_output_len] int64, padded with vocab_size
     output_token_ids: list[list[int]] = field(default_factory=list)
-    """Per row, the live lists of generated tokens (bad words and min_tokens read them)."""
+    """Per row, the live lists of generated tokens (bad words read them)."""
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """(row indices, token ids, biases), one entry per (row, token) pair."""
     allowed_token_ids_mask: torch.Tensor | None = None  # [B, V] bool, True where a token is banned
     bad_words_token_ids: dict[int, list[list[int]]] = field(default_factory=dict)
-    min_tokens: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
-    """Row -> (min_tokens, token ids banned until that many tokens exist), for rows still short."""
+    min_tokens: dict[int, list[int]] = field(default_factory=dict)
+    """Row -> the token ids it may not sample yet, for rows still short of their min_tokens."""
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str) -> SamplingMetadata:
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str,
+              pending_token_ids: torch.Tensor | None = None) -> SamplingMetadata:
         """Batch the settings of `rows` (one per sampled request, in logits row order) onto `device`.
 
-        A seeded row without a generator falls back to the global RNG.
+        A seeded row without a generator falls back to the global RNG. `pending_token_ids` (on
+        `device`) holds the tokens of rows with a `pending_index`: penalties copy them on the device
+        and min_tokens only counts them, so neither waits for the host to read them. Bad words
+        cannot do without the ids; the caller reads such rows' tokens back first.
         """
         num_rows = len(rows)
         params = [r.params for r in rows]
@@ -113,11 +124,12 @@ class SamplingMetadata:
             min_p=min_p, generators=generators, max_num_logprobs=max_num_logprobs, no_penalties=True,
             output_token_ids=[r.output_token_ids for r in rows],
         )
-        metadata._add_penalties(rows, device)
+        metadata._add_penalties(rows, device, pending_token_ids)
         metadata._add_token_constraints(rows, device)
         return metadata
 
-    def _add_penalties(self, rows: list[SamplingRow], device: torch.device | str) -> None:
+    def _add_penalties(self, rows: list[SamplingRow], device: torch.device | str,
+                       pending_token_ids: torch.Tensor | None) -> None:
         penalized = [r.params.has_penalties for r in rows]
         if not any(penalized):
             return
@@ -129,9 +141,15 @@ class SamplingMetadata:
         self.prompt_token_ids = _pad(
             [r.prompt_token_ids if on else [] for r, on in zip(rows, penalized)], self.vocab_size, device
         )
-        self.output_token_ids_padded = _pad(
-            [r.output_token_ids if on else [] for r, on in zip(rows, penalized)], self.vocab_size, device
-        )
+        outputs = [r.output_token_ids if on else [] for r, on in zip(rows, penalized)]
+        pending = [(i, len(r.output_token_ids), r.pending_index) for i, (r, on) in enumerate(zip(rows, penalized))
+                   if on and r.pending_index is not None]
+        width = max([len(o) for o in outputs] + [column + 1 for _, column, _ in pending])
+        self.output_token_ids_padded = _pad(outputs, self.vocab_size, device, width)
+        if pending:
+            assert pending_token_ids is not None
+            row, column, source = (to_device(torch.tensor(v, dtype=torch.int64), device) for v in zip(*pending))
+            self.output_token_ids_padded[row, column] = pending_token_ids[source]
 
     def _add_token_constraints(self, rows: list[SamplingRow], device: torch.device | str) -> None:
         vocab_size = self.vocab_size
@@ -155,10 +173,13 @@ class SamplingMetadata:
                         allowed_pairs[1].append(token_id)
             if p.bad_words_token_ids:
                 self.bad_words_token_ids[i] = p.bad_words_token_ids
-            if len(row.output_token_ids) < p.min_tokens:
+            if p.bad_words_token_ids:
+                assert row.pending_index is None or all(len(seq) == 1 for seq in p.bad_words_token_ids), \
+                    "a multi-token bad word needs the row's latest token on the host"
+            if row.num_output_tokens < p.min_tokens:
                 banned = [t for t in p.all_stop_token_ids(row.eos_token_id) if t < vocab_size]
                 if banned:
-                    self.min_tokens[i] = (p.min_tokens, banned)
+                    self.min_tokens[i] = banned
         if bias_rows:
             self.logit_bias = (
                 to_device(torch.tensor(bias_rows, dtype=torch.int64), device),
@@ -176,9 +197,9 @@ def _f32(values: list[float], device: torch.device | str) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
-def _pad(seqs: list[list[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:
-    """Right-pad token lists into [len(seqs), max_len] int64 (at least one column)."""
-    width = max(1, max(len(s) for s in seqs))
+def _pad(seqs: list[list[int]], pad_id: int, device: torch.device | str, width: int = 0) -> torch.Tensor:
+    """Right-pad token lists into [len(seqs), max(width, max_len)] int64 (at least one column)."""
+    width = max(1, width, max(len(s) for s in seqs))
     out = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
     for i, seq in enumerate(seqs):
         if seq:

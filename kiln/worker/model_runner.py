@@ -11,9 +11,10 @@ samples.
 to the host; `execute_model` does both at once. With asynchronous scheduling the engine core
 launches step N+1 before it reads step N, so the host prepares the next step while the device
 computes: a request's token that step N sampled is then fed to step N+1 on the device, its id
-unknown to the host (a pending token). Rows whose sampling reads their own earlier tokens
-(penalties, bad words, min_tokens, a grammar) cannot do without them: a step with such a row
-queues its forward, then reads the previous step back before it samples.
+unknown to the host (a pending token), and penalties take it from there too. Rows whose sampling
+needs their earlier tokens on the host (a grammar, a bad word of several tokens) cannot do
+without them: a step with such a row queues its forward, then reads the previous step back before
+it samples.
 """
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ class RunnerRequestState:
         return len(self.output_token_ids) + self.num_pending
 
     def reads_own_tokens(self) -> bool:
-        """Whether sampling this request's next token reads the ids of its earlier ones."""
-        p = self.sampling_params
-        return (self.grammar is not None or bool(p.bad_words_token_ids) or p.min_tokens > len(self.output_token_ids)
-                or p.has_penalties)
+        """Whether sampling this request's next token needs the ids of its earlier ones on the host:
+        a grammar's matcher and a bad word's prefix do (penalties take a pending token on the
+        device, min_tokens only counts it)."""
+        return self.grammar is not None or any(len(seq) > 1 for seq in self.sampling_params.bad_words_token_ids or ())
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -298,6 +299,7 @@ class ModelRunner:
                 params=state.sampling_params, prompt_token_ids=state.prompt_token_ids,
                 output_token_ids=state.output_token_ids, generator=state.generator,
                 eos_token_id=state.eos_token_id,
+                pending_index=self.last_step.index_of[req_id] if state.num_pending else None,  # type: ignore[union-attr]
             ))
         return rows
 
@@ -324,7 +326,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampled, vocab]
             logits = self._apply_grammars(batch.sample_req_ids, logits)
             metadata = SamplingMetadata.build(
-                self._sampling_rows(batch.sample_req_ids), self.vocab_size, self.device
+                self._sampling_rows(batch.sample_req_ids), self.vocab_size, self.device,
+                None if last is None or last.done else last.sampled_token_ids,
             )
             out = self.sampler.forward(logits, metadata)
             for req_id in batch.sample_req_ids:

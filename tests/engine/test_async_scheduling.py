@@ -51,9 +51,21 @@ def test_outputs_match_synchronous_scheduling(make_llm, engine_kwargs):
         assert llm.llm_engine.core.scheduler.num_preemptions > 0
 
 
+def test_penalties_read_the_pending_token(make_llm):
+    """Without a row that waits, every decode step samples while the previous step's tokens are
+    still on the device: penalties must count them all the same (min_tokens' count of them is
+    checked exactly in tests/unit/test_sampler.py)."""
+    params = [SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.8, frequency_penalty=1.5),
+              SamplingParams(temperature=0.9, seed=11, max_tokens=16, presence_penalty=2.0, min_tokens=12),
+              SamplingParams(temperature=0, max_tokens=20, frequency_penalty=-1.0, bad_words=["the"])]
+    expected = _summary(make_llm(max_model_len=256).generate(PROMPTS[:3], params, use_tqdm=False))
+    llm = make_llm(max_model_len=256, async_scheduling=True)
+    assert _summary(llm.generate(PROMPTS[:3], params, use_tqdm=False)) == expected
+
+
 def test_decode_steps_launch_before_the_last_step_is_read(make_llm):
-    """Plain rows never wait for the previous step; a penalized row reads it back, after its step's
-    forward was queued."""
+    """Plain, penalized and min_tokens rows never wait for the previous step; a row with a bad word
+    of several tokens reads it back, after its step's forward was queued."""
     llm = make_llm(max_model_len=256, async_scheduling=True)
     runner = llm.llm_engine.core.worker.model_runner
     launch = runner.launch
@@ -79,9 +91,14 @@ def test_decode_steps_launch_before_the_last_step_is_read(make_llm):
     # the prefill has nothing before it; each decode then launches while the step before is out
     assert seen == [(False, False)] + [(True, True)] * 7
     seen.clear()
-    unread_at_forward.clear()
-    penalized = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, presence_penalty=0.5)
+    penalized = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, presence_penalty=0.5,
+                               repetition_penalty=1.2, min_tokens=6, bad_words=["the"])
     llm.generate(PROMPTS[:2], [plain, penalized], use_tqdm=False)
+    assert seen == [(False, False)] + [(True, True)] * 7
+    seen.clear()
+    unread_at_forward.clear()
+    bad_phrase = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, bad_words=["the sea"])
+    llm.generate(PROMPTS[:2], [plain, bad_phrase], use_tqdm=False)
     assert seen == [(False, False)] + [(True, False)] * 7
     # ... but only after its forward was queued
     assert unread_at_forward == [False] + [True] * 7

@@ -352,6 +352,29 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     assert sample(logits, rows).sampled_token_ids.tolist() == [2, 2, 0, 0]
 
 
+def test_pending_token_counts_as_if_it_were_on_the_host() -> None:
+    """Asynchronous scheduling: a row's latest token, still on the device (`pending_index` into the
+    previous step's sampled ids), counts for penalties and min_tokens exactly as the same token
+    appended to its host list does."""
+    penalized = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.3)
+    short = SamplingParams(min_tokens=2, stop_token_ids=[1], presence_penalty=0.1)
+    plain = SamplingParams()
+    previous_step = torch.tensor([4, 2, 5])  # what the step before sampled, in its own row order
+    logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.0, 0.25]]).expand(4, V).contiguous()
+    on_host = [row(penalized, prompt=[0], output=[2, 3, 2]), row(penalized, prompt=[1], output=[5, 5]),
+               row(short, output=[3, 4], eos=0), row(plain, output=[2])]
+    pending = [row(penalized, prompt=[0], output=[2, 3]), row(penalized, prompt=[1], output=[5]),
+               row(short, output=[3], eos=0), row(plain, output=[2])]
+    for r, index in zip(pending, [1, 2, 0, None]):
+        r.pending_index = index
+    expected = processed(logits, on_host)
+    metadata = SamplingMetadata.build(pending, V, "cpu", previous_step)
+    torch.testing.assert_close(apply_logits_processors(logits.clone(), metadata), expected)
+    assert metadata.min_tokens == {} and torch.isfinite(expected[2, [0, 1]]).all()  # two tokens: reached
+    pending[2].pending_index = None  # one token only: EOS and the stop id stay banned
+    assert SamplingMetadata.build(pending, V, "cpu", previous_step).min_tokens == {2: [1, 0]}
+
+
 # ---- logprobs --------------------------------------------------------------------------------
 def test_logprobs_are_raw_with_sampled_token_first() -> None:
     """Logprobs come from the raw logits (before bias, penalties, temperature, top-k); column 0 is the
