@@ -79,13 +79,6 @@ def apply_min_tokens(logits: torch.Tensor, min_tokens: dict[int, list[int]]) -> 
     return logits
 
 
-def token_bin_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per row, how often each token occurs in `token_ids` [B, L] (padded with vocab_size): [B, V] int64."""
-    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.int64, device=token_ids.device)
-    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids))
-    return counts[:, :vocab_size]
-
-
 def apply_penalties(
     logits: torch.Tensor,
     prompt_token_ids: torch.Tensor,  # [B, P], padded with vocab_size
@@ -98,15 +91,35 @@ def apply_penalties(
 
     Repetition: a token seen in the prompt or the output has its logit divided by the penalty
     when positive and multiplied by it otherwise. Then, on output tokens only, subtract
-    frequency_penalty * count and presence_penalty * (count > 0).
+    frequency_penalty * count and presence_penalty.
+
+    Only the tokens a row has seen change, so the work is on their [B, P + O] ids, not on [B, V]
+    (vLLM counts every row over the whole vocabulary: on a CPU at 64 rows of a 49k vocabulary that
+    took 52 ms a step, this takes well under one). The values are those of the dense formulas,
+    float32 operation for operation; a token listed twice gets the same value written twice.
     """
-    vocab_size = logits.shape[1]
-    output_counts = token_bin_counts(output_token_ids, vocab_size)  # [B, V]
-    output_mask = output_counts > 0
-    seen = token_bin_counts(prompt_token_ids, vocab_size) > 0
-    seen |= output_mask
-    penalty = torch.where(seen, repetition_penalties.unsqueeze(1), 1.0)  # [B, V]
-    logits.copy_(torch.where(logits > 0, logits / penalty, logits * penalty))
-    logits -= frequency_penalties.unsqueeze(1) * output_counts
-    logits -= presence_penalties.unsqueeze(1) * output_mask
+    seen = torch.cat((prompt_token_ids, output_token_ids), dim=1)
+    index, has_tokens = _fill_padding(seen, logits.shape[1])
+    before = logits.gather(1, index)
+    penalty = repetition_penalties.unsqueeze(1)
+    after = torch.where(before > 0, before / penalty, before * penalty)
+    logits.scatter_(1, index, torch.where(has_tokens, after, before))
+
+    index, has_tokens = _fill_padding(output_token_ids, logits.shape[1])
+    ordered = output_token_ids.sort(dim=1).values
+    counts = torch.searchsorted(ordered, index, right=True) - torch.searchsorted(ordered, index)
+    before = logits.gather(1, index)
+    after = before - frequency_penalties.unsqueeze(1) * counts
+    after -= presence_penalties.unsqueeze(1)
+    logits.scatter_(1, index, torch.where(has_tokens, after, before))
     return logits
+
+
+def _fill_padding(token_ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_ids` [B, L] (padded with vocab_size) with each padding entry replaced by a token of its
+    own row (its smallest), so writing a value per entry writes every token's value once or
+    repeats it; and [B, 1] whether the row has any token (a row without rewrites token 0 unchanged)."""
+    smallest = token_ids.min(dim=1, keepdim=True).values
+    has_tokens = smallest < vocab_size
+    filler = torch.where(has_tokens, smallest, 0)
+    return torch.where(token_ids < vocab_size, token_ids, filler), has_tokens

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kiln.sampling.params import SamplingParams, SamplingType
@@ -200,8 +201,7 @@ def _f32(values: list[float], device: torch.device | str) -> torch.Tensor:
 def _pad(seqs: list[list[int]], pad_id: int, device: torch.device | str, width: int = 0) -> torch.Tensor:
     """Right-pad token lists into [len(seqs), max(width, max_len)] int64 (at least one column)."""
     width = max(1, width, max(len(s) for s in seqs))
-    out = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    out = np.full((len(seqs), width), pad_id, dtype=np.int64)
     for i, seq in enumerate(seqs):
-        if seq:
-            out[i, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
-    return to_device(out, device)
+        out[i, : len(seq)] = seq  # numpy converts a list ~8x faster than torch.tensor
+    return to_device(torch.from_numpy(out), device)

@@ -66,7 +66,7 @@ class Sampler(nn.Module):
         """Steps 7-10 on already processed logits: [B, V] -> [B] int64."""
         greedy = None
         if not metadata.all_random:
-            greedy = logits.argmax(dim=-1)
+            greedy = greedy_argmax(logits)
             if metadata.all_greedy:
                 return greedy
         if metadata.temperature is not None:
@@ -82,12 +82,13 @@ class Sampler(nn.Module):
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over each row of the raw logits [B, V] -> [B] int64, with no float32 copy first (the
-    widening is exact, so the answer is the same); on CPU in bfloat16 through the native row
-    argmax (a 64 x 49k batch: torch's 2 ms on the AVX512 host, 8 on the AVX2 one; the kernel's 0.13
-    and 0.24)."""
-    ops = native.fused_bf16_ops(logits)
-    return ops.argmax_rows(logits) if ops is not None else logits.argmax(dim=-1)
+    """argmax over each row of logits [B, V] -> [B] int64. Raw bfloat16 logits need no float32 copy
+    first (the widening is exact, so the answer is the same). On CPU through the native row argmax:
+    a 64 x 49k batch in bfloat16 took torch 2 ms on the AVX512 host and 8 on the AVX2 one, the
+    kernel 0.13 and 0.24; in float32 (rows processed for penalties, mixed batches) torch 4.4 ms on
+    the AVX2 host."""
+    argmax = native.argmax_rows(logits)
+    return argmax(logits) if argmax is not None else logits.argmax(dim=-1)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kiln.sampling.logits_processors import apply_logits_processors
+from kiln.sampling.logits_processors import apply_logits_processors, apply_penalties
 from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
 from kiln.sampling.sampler import Sampler, SamplerOutput, gather_logprobs, to_logprobs_lists
@@ -295,6 +295,50 @@ def test_penalties_match_hand_computation() -> None:
     torch.testing.assert_close(processed(logits, rows), expected)
 
 
+def _dense_penalties(logits: torch.Tensor, prompt: torch.Tensor, output: torch.Tensor, presence: torch.Tensor,
+                     frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """vLLM's formulation, every row counted over the whole vocabulary: the oracle of the sparse one."""
+    vocab_size = logits.shape[1]
+
+    def bin_counts(ids: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.int64)
+        return counts.scatter_add_(1, ids, torch.ones_like(ids))[:, :vocab_size]
+
+    output_counts = bin_counts(output)
+    seen = (bin_counts(prompt) > 0) | (output_counts > 0)
+    penalty = torch.where(seen, repetition.unsqueeze(1), 1.0)
+    logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits -= frequency.unsqueeze(1) * output_counts
+    logits -= presence.unsqueeze(1) * (output_counts > 0)
+    return logits
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_penalties_equal_the_dense_formulation(seed: int) -> None:
+    """Random rows with repeated tokens, padding, rows without penalties or without outputs, and
+    penalties of both signs: the same float32 values as counting over the whole vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab, rows = 50, 7
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    logits[0, :5] = 0.0
+
+    def padded(max_len: int, min_len: int) -> torch.Tensor:
+        ids = torch.randint(0, vocab // 3, (rows, max_len), generator=generator)  # small range: repeats
+        lengths = torch.randint(min_len, max_len + 1, (rows,), generator=generator)
+        return ids.masked_fill_(torch.arange(max_len) >= lengths.unsqueeze(1), vocab)
+
+    prompt, output = padded(12, 1), padded(9, 0)
+    output[1] = vocab  # a row that has generated nothing yet
+    prompt[2], output[2] = vocab, vocab  # a row without penalties contributes no tokens
+    presence = torch.rand(rows, generator=generator) * 4 - 2
+    frequency = torch.rand(rows, generator=generator) * 4 - 2
+    repetition = torch.rand(rows, generator=generator) * 1.9 + 0.1
+    presence[2], frequency[2], repetition[2] = 0.0, 0.0, 1.0
+    expected = _dense_penalties(logits, prompt, output, presence, frequency, repetition)
+    actual = apply_penalties(logits.clone(), prompt, output, presence, frequency, repetition)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 def test_repetition_penalty_below_one_rewards() -> None:
     logits = torch.tensor([[1.0, -1.0, 1.0]])
     out = processed(logits, [row(SamplingParams(repetition_penalty=0.5), prompt=[0], output=[1])])
@@ -514,14 +558,15 @@ def test_greedy_fast_path_on_bfloat16_logits_matches_argmax() -> None:
                        wide.float().argmax(dim=-1))
 
 
-def test_native_argmax_finds_the_first_maximum_wherever_it_lies() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_argmax_finds_the_first_maximum_wherever_it_lies(dtype: torch.dtype) -> None:
     """The kernel keeps several vector maxima side by side and searches spans of many values: the
     first maximum (or NaN) must win whichever lane, span or tail it falls in, signed zeros
     counting as equal, as torch.argmax of the float32 logits decides."""
     from kiln.model.layers import native
 
-    kernel = native.fused_bf16_ops(torch.ones(1, 1, dtype=torch.bfloat16))
-    if kernel is None:
+    argmax_rows = native.argmax_rows(torch.ones(1, 1, dtype=dtype))
+    if argmax_rows is None:
         pytest.skip("the native kernels could not be built here")
     gen = torch.Generator().manual_seed(5)
     for width in (1, 31, 32, 33, 95, 1000, 4099):
@@ -531,5 +576,5 @@ def test_native_argmax_finds_the_first_maximum_wherever_it_lies() -> None:
         nan_rows = torch.randint(0, width, (10,), generator=gen)
         logits[torch.arange(30, 40), nan_rows] = float("nan")
         logits[35:40, (nan_rows[5:] + 1).clamp(max=width - 1)] = float("nan")  # a second NaN after it
-        logits = logits.to(torch.bfloat16)
-        assert torch.equal(kernel.argmax_rows(logits), logits.float().argmax(dim=-1)), width
+        logits = logits.to(dtype)
+        assert torch.equal(argmax_rows(logits), logits.float().argmax(dim=-1)), width

@@ -159,6 +159,13 @@ def fused_bf16_ops(x: torch.Tensor) -> Any | None:
     return _kernels.ops  # type: ignore[union-attr]
 
 
+def argmax_rows(logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The row argmax (sampling.cpp) when `logits` is bfloat16 or float32 on CPU, else None."""
+    if logits.dtype not in (torch.bfloat16, torch.float32) or logits.device.type != "cpu" or not load():
+        return None
+    return _kernels.ops.argmax_rows  # type: ignore[union-attr]
+
+
 def softmax_draw_rows(logits: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     """The sampler's draw from softmax(logits) (sampling.cpp) when `logits` is float32 on CPU, else None."""
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or not load():

@@ -182,103 +182,119 @@ void top_k_then_top_p_row(float* row, int64_t V, float kth, double top_p, std::v
                [row, max](int64_t i) { return static_cast<double>(kiln_native::fast_exp(row[i] - max)); });
 }
 
+// Logits read as float32 lanes, from bfloat16 bits or float32 values.
+float lane_value(uint16_t bits) { return kiln_native::bf16_to_float(bits); }
+float lane_value(float value) { return value; }
+#if defined(__AVX512F__)
+__m512 load16(const uint16_t* p) { return kiln_native::load_bf16x16(p); }
+__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#elif defined(__AVX2__) && defined(__FMA__)
+__m256 load8(const uint16_t* p) { return kiln_native::load_bf16x8(p); }
+__m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#endif
+
+// torch.argmax's answer for one row (the first maximum; a NaN counts as the maximum, the first
+// one wins): a vector max, then a vector search for its first occurrence.
+template <typename T>
+int64_t argmax_row(const T* row, int64_t V) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  bool has_nan = false;
+#if defined(__AVX512F__)
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan_lanes = 0;
+  for (; i + 16 <= V; i += 16) {
+    const __m512 v = load16(row + i);
+    nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, v);
+  }
+  has_nan = nan_lanes != 0;
+  best = _mm512_reduce_max_ps(vmax);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // four independent maxima: one chain of max_ps waits ~4 cycles per 8 values
+  __m256 vmax[4], nan_lanes = _mm256_setzero_ps();
+  for (auto& m : vmax) m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (; i + 32 <= V; i += 32) {
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = load8(row + i + 8 * u);
+      nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vmax[u] = _mm256_max_ps(vmax[u], v);
+    }
+  }
+  has_nan = _mm256_movemask_ps(nan_lanes) != 0;
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(vmax[0], vmax[1]), _mm256_max_ps(vmax[2], vmax[3]));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  for (const float lane : lanes) best = best > lane ? best : lane;
+#endif
+  // the tail (and the whole row without AVX2): reductions the compiler vectorizes, as
+  // std::max's NaN order would stay scalar
+  int nan_seen = has_nan;
+#pragma omp simd reduction(max : best) reduction(| : nan_seen)
+  for (int64_t k = i; k < V; ++k) {
+    const float v = lane_value(row[k]);
+    nan_seen |= v != v;
+    best = best > v ? best : v;
+  }
+  has_nan = nan_seen;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 target = _mm512_set1_ps(best);
+  for (; j + 16 <= V; j += 16) {
+    const __m512 v = load16(row + j);
+    const __mmask16 hit =
+        has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+    if (hit) break;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 target = _mm256_set1_ps(best);
+  for (; j + 32 <= V; j += 32) {
+    __m256 hits = _mm256_setzero_ps();
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = load8(row + j + 8 * u);
+      hits = _mm256_or_ps(hits, has_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+    }
+    if (_mm256_movemask_ps(hits)) break;
+  }
+#else
+  constexpr int64_t kSpan = 64;  // searched as a whole, then element by element where it hits
+  for (; j + kSpan <= V; j += kSpan) {
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t k = j; k < j + kSpan; ++k) {
+      const float v = lane_value(row[k]);
+      hit |= has_nan ? v != v : v == best;
+    }
+    if (hit) break;
+  }
+#endif
+  for (; j < V; ++j) {
+    const float v = lane_value(row[j]);
+    if (has_nan ? v != v : v == best) return j;
+  }
+  return 0;
+}
+
 }  // namespace
 
 namespace kiln_native {
 
-// [B, V] bfloat16 -> [B] int64: torch.argmax's answer (the first maximum; a NaN counts as the
-// maximum, the first one wins), one row per task. torch's CPU argmax reads a bfloat16 row at
-// ~1 element per ns; this is a vector max, then a vector search for its first occurrence.
+// [B, V] bfloat16 or float32 -> [B] int64: torch.argmax's answer, one row per task. torch's CPU
+// argmax reads a bfloat16 row at ~1 element per ns and a float32 one little faster (a 64 x 49k
+// float32 batch: 4.4 ms on the AVX2 host).
 at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be [B, V] with V > 0");
   auto xc = x.contiguous();
   const int64_t B = xc.size(0), V = xc.size(1);
   auto out = at::empty({B}, x.options().dtype(at::kLong));
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   int64_t* op = out.data_ptr<int64_t>();
+  const bool is_bf16 = xc.scalar_type() == at::kBFloat16;
+  const void* xp = xc.data_ptr();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const uint16_t* row = xp + b * V;
-      float best = -std::numeric_limits<float>::infinity();
-      int64_t i = 0;
-      bool has_nan = false;
-#if defined(__AVX512F__)
-      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      __mmask16 nan_lanes = 0;
-      for (; i + 16 <= V; i += 16) {
-        const __m512 v = kiln_native::load_bf16x16(row + i);
-        nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        vmax = _mm512_max_ps(vmax, v);
-      }
-      has_nan = nan_lanes != 0;
-      best = _mm512_reduce_max_ps(vmax);
-#elif defined(__AVX2__) && defined(__FMA__)
-      // four independent maxima: one chain of max_ps waits ~4 cycles per 8 values
-      __m256 vmax[4], nan_lanes = _mm256_setzero_ps();
-      for (auto& m : vmax) m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      for (; i + 32 <= V; i += 32) {
-        for (int u = 0; u < 4; ++u) {
-          const __m256 v = kiln_native::load_bf16x8(row + i + 8 * u);
-          nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-          vmax[u] = _mm256_max_ps(vmax[u], v);
-        }
-      }
-      has_nan = _mm256_movemask_ps(nan_lanes) != 0;
-      const __m256 m = _mm256_max_ps(_mm256_max_ps(vmax[0], vmax[1]), _mm256_max_ps(vmax[2], vmax[3]));
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, m);
-      for (const float lane : lanes) best = best > lane ? best : lane;
-#endif
-      // the tail (and the whole row without AVX2): reductions the compiler vectorizes, as
-      // std::max's NaN order would stay scalar
-      int nan_seen = has_nan;
-#pragma omp simd reduction(max : best) reduction(| : nan_seen)
-      for (int64_t k = i; k < V; ++k) {
-        const float v = bf16_to_float(row[k]);
-        nan_seen |= v != v;
-        best = best > v ? best : v;
-      }
-      has_nan = nan_seen;
-      int64_t index = 0, j = 0;
-#if defined(__AVX512F__)
-      const __m512 target = _mm512_set1_ps(best);
-      for (; j + 16 <= V; j += 16) {
-        const __m512 v = kiln_native::load_bf16x16(row + j);
-        const __mmask16 hit =
-            has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
-        if (hit) break;
-      }
-#elif defined(__AVX2__) && defined(__FMA__)
-      const __m256 target = _mm256_set1_ps(best);
-      for (; j + 32 <= V; j += 32) {
-        __m256 hits = _mm256_setzero_ps();
-        for (int u = 0; u < 4; ++u) {
-          const __m256 v = kiln_native::load_bf16x8(row + j + 8 * u);
-          hits = _mm256_or_ps(hits, has_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
-        }
-        if (_mm256_movemask_ps(hits)) break;
-      }
-#else
-      constexpr int64_t kSpan = 64;  // searched as a whole, then element by element where it hits
-      for (; j + kSpan <= V; j += kSpan) {
-        int hit = 0;
-#pragma omp simd reduction(| : hit)
-        for (int64_t k = j; k < j + kSpan; ++k) {
-          const float v = bf16_to_float(row[k]);
-          hit |= has_nan ? v != v : v == best;
-        }
-        if (hit) break;
-      }
-#endif
-      for (; j < V; ++j) {
-        const float v = bf16_to_float(row[j]);
-        if (has_nan ? v != v : v == best) {
-          index = j;
-          break;
-        }
-      }
-      op[b] = index;
+      op[b] = is_bf16 ? argmax_row(static_cast<const uint16_t*>(xp) + b * V, V)
+                      : argmax_row(static_cast<const float*>(xp) + b * V, V);
     }
   });
   return out;
