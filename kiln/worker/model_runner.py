@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from kiln.worker.cuda_graphs import DecodeGraphs
 
 _SEED_MIX = 0x9E3779B97F4A7C15
+PROMPT_LOGPROBS_ROWS = 256
+"""Prompt positions whose logprobs are computed at once."""
 
 
 @dataclass
@@ -360,14 +362,21 @@ class ModelRunner:
         return logits
 
     def _prompt_logprobs(self, batch: _Batch, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
+        """Each prompt position's logprobs, `PROMPT_LOGPROBS_ROWS` positions at a time: a whole
+        chunk at once would hold ~11 bytes per position and vocabulary entry (8192 positions of a
+        152k vocabulary: 13 GB, outside the memory profile's budget)."""
         result = {}
         for req_id, (row0, num_rows, target0) in batch.prompt_logprob_rows.items():
             state = self.requests[req_id]
-            logits = self.model.compute_logits(hidden[row0:row0 + num_rows]).float()
-            targets = torch.tensor(state.token_ids[target0:target0 + num_rows], device=self.device)
             k = state.sampling_params.prompt_logprobs
-            ids, lps, ranks = gather_logprobs(torch.log_softmax(logits, dim=-1), k, targets)
-            result[req_id] = to_logprobs_lists(ids, lps, ranks, num_logprobs=k)
+            lists = LogprobsLists([], [], [])
+            for start in range(0, num_rows, PROMPT_LOGPROBS_ROWS):
+                n = min(PROMPT_LOGPROBS_ROWS, num_rows - start)
+                logits = self.model.compute_logits(hidden[row0 + start:row0 + start + n]).float()
+                targets = torch.tensor(state.token_ids[target0 + start:target0 + start + n], device=self.device)
+                lists.extend(to_logprobs_lists(*gather_logprobs(torch.log_softmax(logits, dim=-1), k, targets),
+                                               num_logprobs=k))
+            result[req_id] = lists
         return result
 
     @torch.inference_mode()

@@ -101,6 +101,23 @@ def test_logprobs_match_transformers(llm, hf_smollm):
         assert entry[token_id].rank == int((ref[position - 1] > ref[position - 1, token_id]).sum()) + 1
 
 
+def test_prompt_logprobs_in_row_slices_equal_all_at_once(llm, monkeypatch):
+    """Prompt logprobs are computed a slice of positions at a time; slices of 2 give what one slice
+    does (the same tokens and ranks; the values up to float32 rounding, as the LM head's products
+    tile their rows by count)."""
+    from kiln.worker import model_runner
+
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    prompt = "The capital of France is a city of"
+    whole = llm.generate(prompt, params, use_tqdm=False)[0].prompt_logprobs
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_ROWS", 2)
+    sliced = llm.generate(prompt, params, use_tqdm=False)[0].prompt_logprobs
+    assert len(whole) > 5 and sliced[0] is None and whole[0] is None
+    for got, expected in zip(sliced[1:], whole[1:], strict=True):
+        assert {t: e.rank for t, e in got.items()} == {t: e.rank for t, e in expected.items()}
+        assert [e.logprob for e in got.values()] == pytest.approx([e.logprob for e in expected.values()], abs=1e-5)
+
+
 def test_best_of_returns_the_most_likely_samples(llm):
     """best_of=3, n=1 keeps the sample of highest cumulative logprob among the same three samples
     that n=3 (same seed, so the same child seeds) returns."""
