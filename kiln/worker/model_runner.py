@@ -381,7 +381,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_run(self, bind_cache: Callable[[int], None]) -> int:
-        """One forward of a full token budget on a throwaway cache, to measure peak activations."""
+        """One forward of a full token budget on a throwaway cache, then the sampler's heaviest path
+        on as many rows as a step may sample, to measure peak activations."""
         sc = self.config.scheduler_config
         num_tokens = min(sc.max_num_batched_tokens, sc.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
@@ -396,8 +397,19 @@ class ModelRunner:
             batch = self._prepare_inputs([state.req_id], {state.req_id: num_tokens})
             with forward_context(batch.attn_metadata):
                 hidden = self.model(batch.input_ids, batch.positions)
-            self.model.compute_logits(hidden[-1:])
+            self._profile_sampler(hidden[:min(max(sc.max_num_seqs, PROMPT_LOGPROBS_ROWS), num_tokens)])
         finally:
             del self.requests[state.req_id]
             self.block_tables.remove(state.req_id)
         return num_tokens
+
+    def _profile_sampler(self, hidden: torch.Tensor) -> None:
+        """Sample every row of `hidden` with each of the sampler's [rows, vocab] steps on: logprobs,
+        penalties, min-p, top-k and top-p (on a GPU a full sort). With a large vocabulary this
+        peak (e.g. 256 rows of 152k: ~1 GB) can exceed the forward's, and prompt logprobs take the
+        same steps on up to `PROMPT_LOGPROBS_ROWS` rows."""
+        params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, presence_penalty=0.5,
+                                logprobs=self.config.max_logprobs, max_tokens=1)  # -1 (no limit): all
+        rows = [SamplingRow(params=params, prompt_token_ids=[0], output_token_ids=[0]) for _ in range(hidden.shape[0])]
+        self.sampler.forward(self.model.compute_logits(hidden),
+                             SamplingMetadata.build(rows, self.vocab_size, self.device))

@@ -83,7 +83,8 @@ class Worker:
         return int(num_blocks)
 
     def _profile_cuda_blocks(self) -> int:
-        """Run a forward at the full token budget, then give the KV cache what is left."""
+        """Run a forward at the full token budget and a full step of sampling, then give the KV cache
+        what is left."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         free, total = torch.cuda.mem_get_info()
@@ -91,7 +92,7 @@ class Worker:
         num_tokens = self.model_runner.profile_run(self._allocate_kv_cache)
         activations = torch.cuda.max_memory_allocated() - weights
         torch.cuda.empty_cache()  # the profile's blocks go back to the driver, for the KV cache to take
-        logger.info("Profiled a %d-token forward: %.2f GiB of activations", num_tokens, activations / 2**30)
+        logger.info("Profiled a %d-token forward and sampler: %.2f GiB of activations", num_tokens, activations / 2**30)
         used_by_others = total - free
         budget = total * self.config.cache_config.gpu_memory_utilization - used_by_others - activations
         return max(0, int(budget // self._bytes_per_block()))
