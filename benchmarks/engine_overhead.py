@@ -8,7 +8,8 @@ The model (SmolLM2-135M's config, dummy weights) is replaced after loading by a 
 returns preallocated hidden states and logits at once, so only the engine is timed. Steps are
 decode steps at the given batch sizes (prompts of --input-len tokens, prefilled first and not
 timed): greedy, random at temperature 1 (as vLLM's throughput benchmark samples), sampled with
-temperature 0.8, top-p 0.95 and top-k 50, and greedy with repetition and presence penalties.
+temperature 0.8, top-p 0.95 and top-k 50, greedy with repetition and presence penalties, and random
+with 5 logprobs.
 
     python benchmarks/engine_overhead.py --batch-sizes 1 64 256 --steps 64
     python benchmarks/engine_overhead.py --batch-sizes 256 --profile   # cProfile's top entries
@@ -136,7 +137,8 @@ def main() -> None:
              "random": SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True),  # vLLM's bench
              "sampled": SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=max_tokens, ignore_eos=True),
              "penalized": SamplingParams(temperature=0, repetition_penalty=1.1, presence_penalty=0.5,
-                                         max_tokens=max_tokens, ignore_eos=True)}
+                                         max_tokens=max_tokens, ignore_eos=True),
+             "logprobs": SamplingParams(temperature=1.0, logprobs=5, max_tokens=max_tokens, ignore_eos=True)}
     print(f"{'batch':>5} {'mode':>8} {'ms/step':>9} {'us/request':>11}")
     for batch_size in args.batch_sizes:
         for mode, params in modes.items():

@@ -29,7 +29,7 @@ class SamplerOutput:
 class Sampler(nn.Module):
     """Samples one token per row, following vLLM V1's order of operations.
 
-    1. Logprobs, if any row asked: log_softmax of the raw logits, before anything below.
+    1. Logprobs, if any row asked, are of the raw logits, before anything below (read in 11).
     2. allowed_token_ids: every other token is masked out.
     3. Bad words: a bad word's last token is banned where the generated tokens end with the rest.
     4. logit_bias is added.
@@ -50,17 +50,15 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         if metadata.all_greedy and metadata.max_num_logprobs is None and not has_logits_processors(metadata):
             return SamplerOutput(greedy_argmax(logits), None, None, None)
+        raw = logits
         logits = logits.to(torch.float32)
-        raw_logprobs = None
-        if metadata.max_num_logprobs is not None:
-            raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        if metadata.max_num_logprobs is not None and logits is raw:
+            logits = logits.clone()  # edited in place below; the logprobs read the raw values
         logits = apply_logits_processors(logits, metadata)
         sampled = self.sample(logits, metadata)
-        if raw_logprobs is None:
+        if metadata.max_num_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
-        assert metadata.max_num_logprobs is not None
-        ids, lps, ranks = gather_logprobs(raw_logprobs, metadata.max_num_logprobs, sampled)
-        return SamplerOutput(sampled, ids, lps, ranks)
+        return SamplerOutput(sampled, *compute_logprobs(raw, metadata.max_num_logprobs, sampled))
 
     def sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """Steps 7-10 on already processed logits: [B, V] -> [B] int64."""
@@ -159,6 +157,24 @@ def inverse_cdf_rows(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     # u * total may round up to total itself; then the last token of nonzero probability (the
     # first to reach the total) is the one the draw meant.
     return torch.minimum(picked, cdf.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def compute_logprobs(
+    logits: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gather_logprobs` of the log-softmax of raw `logits` [N, V] (any float dtype). On CPU the
+    native kernel reads the logits once per pass and never builds the [N, V] log-softmax (its sum
+    of exps rounds differently from torch's, so values may differ in the last bits); rows it
+    declines (NaN or +inf logits) and other devices take the torch path."""
+    k = logits.shape[1] if num_logprobs == -1 else min(num_logprobs, logits.shape[1])
+    if (kernel := native.logprobs_rows(logits)) is None:
+        return gather_logprobs(torch.log_softmax(logits.float(), dim=-1), k, token_ids)
+    ids, lps, ranks = kernel(logits, k, token_ids.to(torch.int64))
+    declined = (ranks == 0).nonzero().squeeze(1)
+    if declined.numel():
+        ids[declined], lps[declined], ranks[declined] = gather_logprobs(
+            torch.log_softmax(logits[declined].float(), dim=-1), k, token_ids[declined])
+    return ids, lps, ranks
 
 
 def gather_logprobs(

@@ -33,7 +33,7 @@ from kiln.core.sched_output import NewRequestData, SchedulerOutput
 from kiln.model.forward_context import AttentionMetadata, forward_context
 from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
-from kiln.sampling.sampler import Sampler, SamplerOutput, gather_logprobs, to_logprobs_lists
+from kiln.sampling.sampler import Sampler, SamplerOutput, compute_logprobs, to_logprobs_lists
 from kiln.transfer import to_device
 from kiln.worker.block_table import BlockTables
 
@@ -372,10 +372,9 @@ class ModelRunner:
             lists = LogprobsLists([], [], [])
             for start in range(0, num_rows, PROMPT_LOGPROBS_ROWS):
                 n = min(PROMPT_LOGPROBS_ROWS, num_rows - start)
-                logits = self.model.compute_logits(hidden[row0 + start:row0 + start + n]).float()
+                logits = self.model.compute_logits(hidden[row0 + start:row0 + start + n])
                 targets = torch.tensor(state.token_ids[target0 + start:target0 + start + n], device=self.device)
-                lists.extend(to_logprobs_lists(*gather_logprobs(torch.log_softmax(logits, dim=-1), k, targets),
-                                               num_logprobs=k))
+                lists.extend(to_logprobs_lists(*compute_logprobs(logits, k, targets), num_logprobs=k))
             result[req_id] = lists
         return result
 

@@ -10,7 +10,7 @@ import torch
 from kiln.sampling.logits_processors import apply_logits_processors, apply_penalties
 from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
-from kiln.sampling.sampler import Sampler, SamplerOutput, gather_logprobs, to_logprobs_lists
+from kiln.sampling.sampler import Sampler, SamplerOutput, compute_logprobs, gather_logprobs, to_logprobs_lists
 
 # A 6-token distribution with distinct probabilities (sorted: 1, 3, 4, 2, 5, 0).
 PROBS = [0.04, 0.30, 0.11, 0.25, 0.20, 0.10]
@@ -450,6 +450,38 @@ def test_logprobs_whole_vocabulary() -> None:
     out = sample(logits, [row(SamplingParams(logprobs=-1)), row(SamplingParams(logprobs=1))])
     assert out.logprobs is not None and out.logprobs.shape == (2, 8)
     torch.testing.assert_close(out.logprobs[:, 1:], torch.log_softmax(logits, -1).sort(-1, descending=True).values)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 20, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_logprobs_equal_the_log_softmax_path(k: int, dtype: torch.dtype) -> None:
+    """compute_logprobs on CPU (the native kernel) against gather_logprobs of torch's log-softmax:
+    the same ids and ranks, values within float32 rounding of the sum of exps; rows with -inf
+    entries, a chosen token at -inf, and rows the kernel declines (NaN, +inf) included."""
+    from kiln.model.layers import native
+
+    if native.logprobs_rows(torch.ones(1, 1)) is None:
+        pytest.skip("the native kernels could not be built here")
+    gen = torch.Generator().manual_seed(k)
+    rows, vocab = 9, 300
+    # distinct values, exact in bfloat16 (ties would leave torch.topk's order free)
+    logits = torch.stack([torch.randperm(vocab, generator=gen) for _ in range(rows)]).float().sub_(150).div_(8)
+    logits[1, ::3] = float("-inf")
+    logits[2, 7] = float("nan")
+    logits[3, 11] = float("inf")
+    logits = logits.to(dtype)
+    chosen = torch.randint(0, vocab, (rows,), generator=gen)
+    chosen[1] = 3  # a token at -inf: every token ranks at or above it
+    chosen[4] = int(logits[4].float().argmax())  # the most likely: rank 1
+    expected = gather_logprobs(torch.log_softmax(logits.float(), dim=-1), k, chosen)
+    ids, lps, ranks = compute_logprobs(logits, k, chosen)
+    declined = native.logprobs_rows(logits)(logits, k, chosen)[2] == 0  # left to the torch path
+    assert declined.tolist() == [False, False, True, True] + [False] * 5 and ranks[4] == 1
+    finite = 1 + min(k, 200)  # row 1's last 100 are tied at -inf, in no particular order
+    assert torch.equal(ids[[0, 4, 5, 6, 7, 8]], expected[0][[0, 4, 5, 6, 7, 8]])
+    assert torch.equal(ids[1, :finite], expected[0][1, :finite])
+    assert torch.equal(ranks, expected[2]) and ranks[1] == vocab
+    torch.testing.assert_close(lps, expected[1], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def test_gather_logprobs_for_prompt_tokens() -> None:

@@ -166,6 +166,14 @@ def argmax_rows(logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] 
     return _kernels.ops.argmax_rows  # type: ignore[union-attr]
 
 
+def logprobs_rows(logits: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """The logprobs of chosen tokens and the top k straight from raw logits (sampling.cpp) when
+    `logits` is bfloat16 or float32 on CPU, else None."""
+    if logits.dtype not in (torch.bfloat16, torch.float32) or logits.device.type != "cpu" or not load():
+        return None
+    return _kernels.ops.logprobs_rows  # type: ignore[union-attr]
+
+
 def softmax_draw_rows(logits: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     """The sampler's draw from softmax(logits) (sampling.cpp) when `logits` is float32 on CPU, else None."""
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or not load():

@@ -7,9 +7,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -454,9 +456,130 @@ void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k
   });
 }
 
+namespace {
+
+// log(sum(exp(x - max))) over a row without NaN or +inf; tokens at -inf weigh ~0.
+float log_sum_exp_shifted(const float* x, int64_t V, float max) {
+  double total = 0.0;
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vmax = _mm256_set1_ps(max);
+  for (; i + 64 <= V; i += 64) {  // float32 lanes per 64 values, then one float64 add
+    __m256 lanes = _mm256_setzero_ps();
+    for (int64_t j = i; j < i + 64; j += 8) lanes = _mm256_add_ps(lanes, kiln_native::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmax)));
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, lanes);
+    for (const float sum : sums) total += sum;
+  }
+#endif
+  for (; i < V; ++i) total += kiln_native::fast_exp(x[i] - max);
+  return static_cast<float>(std::log(total));
+}
+
+// One row's logprobs output: the chosen token's then the top k's (largest logit first, equal
+// logits by lower index), and the chosen token's rank: the tokens whose logit is at least its own
+// (the torch path compares the rounded logprobs, which can also tie two logits an ulp apart).
+// Returns false for a row with NaN or +inf (left to the torch path).
+bool logprobs_row(const float* x, int64_t V, int64_t k, int64_t token, int64_t* ids, float* lps, int64_t* rank,
+                  std::vector<float>& scratch, std::vector<float>& maxima, std::vector<int64_t>& top) {
+  float max = kMinusInf;
+  int bad = 0;
+#pragma omp simd reduction(max : max) reduction(| : bad)
+  for (int64_t i = 0; i < V; ++i) {
+    bad |= !(x[i] < std::numeric_limits<float>::infinity());  // NaN or +inf
+    max = x[i] > max ? x[i] : max;
+  }
+  if (bad || max == kMinusInf) return false;
+  // one subtraction: this file's flags let the compiler reassociate (x - max) - log_sum
+  const float log_normalizer = max + log_sum_exp_shifted(x, V, max);
+  const auto logprob = [log_normalizer](float v) { return v - log_normalizer; };
+  const float chosen = x[token];
+  int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+  for (int64_t i = 0; i < V; ++i) count += x[i] >= chosen;
+  *rank = count;
+  ids[0] = token;
+  lps[0] = logprob(chosen);
+  if (k == 0) return true;
+  top.clear();
+  if (k < V) {
+    constexpr int64_t kSpan = 64;  // kth_largest's spans: where it kept their maxima, skip the rest
+    const int64_t num_spans = (V + kSpan - 1) / kSpan;
+    maxima.clear();
+    const float kth = kth_largest(x, V, k, scratch, maxima);
+    const bool have_maxima = static_cast<int64_t>(maxima.size()) == num_spans;
+    for (int64_t span = 0; span < num_spans; ++span) {
+      if (have_maxima && maxima[span] < kth) continue;
+      for (int64_t i = span * kSpan; i < std::min((span + 1) * kSpan, V); ++i) {
+        if (x[i] >= kth) top.push_back(i);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < V; ++i) top.push_back(i);
+  }
+  std::partial_sort(top.begin(), top.begin() + k, top.end(),
+                    [x](int64_t a, int64_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+  for (int64_t j = 0; j < k; ++j) {
+    ids[1 + j] = top[j];
+    lps[1 + j] = logprob(x[top[j]]);
+  }
+  return true;
+}
+
+}  // namespace
+
+// logits [B, V] float32 or bfloat16 (raw), k >= 0 (k <= V), token_ids [B] int64 -> ids [B, k + 1]
+// int64, logprobs [B, k + 1] float32, ranks [B] int64: what gather_logprobs gives on the
+// log-softmax of the logits (the chosen token first, then the top k; its rank, 1 = most likely),
+// without the [B, V] log-softmax: a max, a sum of exps and a count pass per row, and a top-k among
+// the few spans that reach the k-th largest (64 x 49k rows, k = 5, on the 2-core AVX2 host: the
+// torch path's log-softmax, topk and rank took ~15 ms). A row with NaN or +inf gets rank 0: the
+// caller computes it the torch way.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_rows(const at::Tensor& logits, int64_t k,
+                                                             const at::Tensor& token_ids) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "logits must be [B, V] with V > 0");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
+              "logits must be float32 or bfloat16");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(k >= 0 && k <= V, "k must be in [0, V]");
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == B && token_ids.scalar_type() == at::kLong,
+              "token_ids must be int64 [B]");
+  auto lc = logits.contiguous();
+  auto tc = token_ids.contiguous();
+  auto ids = at::empty({B, k + 1}, logits.options().dtype(at::kLong));
+  auto lps = at::empty({B, k + 1}, logits.options().dtype(at::kFloat));
+  auto ranks = at::empty({B}, logits.options().dtype(at::kLong));
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(tp[b] >= 0 && tp[b] < V, "token id out of range");
+  const bool is_bf16 = lc.scalar_type() == at::kBFloat16;
+  const void* xp = lc.data_ptr();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* lp = lps.data_ptr<float>();
+  int64_t* rp = ranks.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> widened, scratch, maxima;
+    std::vector<int64_t> top;
+    for (int64_t b = begin; b < end; ++b) {
+      const float* x = static_cast<const float*>(xp) + b * V;
+      if (is_bf16) {
+        widened.resize(V);
+        const uint16_t* row = static_cast<const uint16_t*>(xp) + b * V;
+        for (int64_t i = 0; i < V; ++i) widened[i] = kiln_native::bf16_to_float(row[i]);
+        x = widened.data();
+      }
+      if (!logprobs_row(x, V, k, tp[b], ip + b * (k + 1), lp + b * (k + 1), rp + b, scratch, maxima, top)) {
+        rp[b] = 0;
+      }
+    }
+  });
+  return {ids, lps, ranks};
+}
+
 }  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
+  m.def("logprobs_rows(Tensor logits, int k, Tensor token_ids) -> (Tensor, Tensor, Tensor)");
+  m.impl("logprobs_rows", c10::DispatchKey::CPU, &kiln_native::logprobs_rows);
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.impl("argmax_rows", c10::DispatchKey::CPU, &kiln_native::argmax_rows);
   m.def("softmax_draw_rows(Tensor logits, Tensor uniform) -> Tensor");
