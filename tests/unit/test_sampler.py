@@ -10,7 +10,14 @@ import torch
 from kiln.sampling.logits_processors import apply_logits_processors, apply_penalties
 from kiln.sampling.metadata import SamplingMetadata, SamplingRow
 from kiln.sampling.params import SamplingParams
-from kiln.sampling.sampler import Sampler, SamplerOutput, compute_logprobs, gather_logprobs, to_logprobs_lists
+from kiln.sampling.sampler import (
+    Sampler,
+    SamplerOutput,
+    apply_min_p,
+    compute_logprobs,
+    gather_logprobs,
+    to_logprobs_lists,
+)
 
 # A 6-token distribution with distinct probabilities (sorted: 1, 3, 4, 2, 5, 0).
 PROBS = [0.04, 0.30, 0.11, 0.25, 0.20, 0.10]
@@ -146,6 +153,20 @@ def test_filters_allowed_set_and_distribution(params: SamplingParams, expected: 
     torch.manual_seed(1234)
     out = sample(base_logits(N), [row(params) for _ in range(N)])
     assert_distribution(out.sampled_token_ids, expected)
+
+
+def test_min_p_cuts_what_the_softmax_formulation_cuts() -> None:
+    """min_p on the logits (x < max + log(min_p)) against vLLM's formulation on probabilities
+    (p < min_p * max p), rows with min_p 0 (no cut) and with -inf entries included."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 500, generator=gen) * 4
+    logits[2, :100] = float("-inf")
+    min_p = torch.tensor([0.0, 0.01, 0.05, 0.1, 0.5, 1.0])
+    probs = torch.softmax(logits, dim=-1)
+    expected = probs < probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    cut = torch.isinf(apply_min_p(logits.clone(), min_p)) & torch.isfinite(logits)
+    assert torch.equal(cut, expected & torch.isfinite(logits))
+    assert not cut[0].any() and cut[5].sum() == 499  # min_p 1 keeps only the top token
 
 
 def test_filters_per_row_in_one_batch(filter_path: str) -> None:
