@@ -92,7 +92,11 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Mask tokens whose probability is below min_p times the row's top probability. A token's
     probability over the top one is exp(x - max), so the test is x < max + log(min_p), on the
-    logits: no softmax (64 x 49k rows on the AVX2 host: 32 -> 9 ms). min_p = 0 gives -inf: no cut."""
+    logits: no softmax (64 x 49k rows on the AVX2 host: 32 -> 9 ms). min_p = 0 gives -inf: no cut.
+    On CPU the native kernel does it in two passes over each row."""
+    if (native_filter := native.min_p_rows(logits)) is not None:
+        native_filter(logits, min_p)
+        return logits
     threshold = logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)  # [B, 1]
     return logits.masked_fill_(logits < threshold, float("-inf"))
 

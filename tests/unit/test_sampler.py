@@ -155,7 +155,12 @@ def test_filters_allowed_set_and_distribution(params: SamplingParams, expected: 
     assert_distribution(out.sampled_token_ids, expected)
 
 
-def test_min_p_cuts_what_the_softmax_formulation_cuts() -> None:
+@pytest.fixture(params=["native", "torch"])
+def min_p_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    return native_or_torch(request, monkeypatch, "min_p_rows")
+
+
+def test_min_p_cuts_what_the_softmax_formulation_cuts(min_p_path: str) -> None:
     """min_p on the logits (x < max + log(min_p)) against vLLM's formulation on probabilities
     (p < min_p * max p), rows with min_p 0 (no cut) and with -inf entries included."""
     gen = torch.Generator().manual_seed(2)

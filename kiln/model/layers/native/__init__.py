@@ -166,6 +166,14 @@ def argmax_rows(logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] 
     return _kernels.ops.argmax_rows  # type: ignore[union-attr]
 
 
+def min_p_rows(logits: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """The sampler's in-place min-p filter (sampling.cpp) when `logits` is contiguous float32 on CPU,
+    else None."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous() or not load():
+        return None
+    return _kernels.ops.min_p_rows  # type: ignore[union-attr]
+
+
 def logprobs_rows(logits: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
     """The logprobs of chosen tokens and the top k straight from raw logits (sampling.cpp) when
     `logits` is bfloat16 or float32 on CPU, else None."""

@@ -491,6 +491,29 @@ void top_k_top_p_rows(at::Tensor& logits, const c10::optional<at::Tensor>& top_k
   });
 }
 
+// logits [B, V] contiguous float32, filtered in place; min_p [B] float32 in [0, 1]: per row, the
+// tokens whose probability is below min_p times the top one's, i.e. x < max + log(min_p), become
+// -inf (min_p 0: none). Two passes and no [B, V] temporaries: torch's amax, compare and
+// masked_fill took ~5-8 ms of 64 x 49k rows on the 2-core AVX2 host.
+void min_p_rows(at::Tensor& logits, const at::Tensor& min_p) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "logits must be contiguous float32 [B, V]");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  auto mc = min_p.contiguous();
+  TORCH_CHECK(mc.scalar_type() == at::kFloat && mc.numel() == B, "min_p must be float32 [B]");
+  float* lp = logits.data_ptr<float>();
+  const float* mp = mc.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (!(mp[b] > 0.f)) continue;
+      float* row = lp + b * V;
+      const float threshold = max_of(row, 0, V) + std::log(mp[b]);
+#pragma omp simd
+      for (int64_t i = 0; i < V; ++i) row[i] = row[i] < threshold ? kMinusInf : row[i];
+    }
+  });
+}
+
 namespace {
 
 // One row's logprobs output: the chosen token's then the top k's (largest logit first, equal
@@ -596,6 +619,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_rows(const at::Tensor& l
 }  // namespace kiln_native
 
 TORCH_LIBRARY_FRAGMENT(kiln_native, m) {
+  m.def("min_p_rows(Tensor(a!) logits, Tensor min_p) -> ()");
+  m.impl("min_p_rows", c10::DispatchKey::CPU, &kiln_native::min_p_rows);
   m.def("logprobs_rows(Tensor logits, int k, Tensor token_ids) -> (Tensor, Tensor, Tensor)");
   m.impl("logprobs_rows", c10::DispatchKey::CPU, &kiln_native::logprobs_rows);
   m.def("argmax_rows(Tensor x) -> Tensor");
