@@ -16,14 +16,14 @@ from kiln.transfer import to_device
 
 def has_logits_processors(metadata: SamplingMetadata) -> bool:
     """Whether any of steps 2-6 would change a logit in this batch."""
-    return (metadata.allowed_token_ids_mask is not None or bool(metadata.bad_words_token_ids)
+    return (metadata.allowed_token_ids is not None or bool(metadata.bad_words_token_ids)
             or metadata.logit_bias is not None or bool(metadata.min_tokens) or not metadata.no_penalties)
 
 
 def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """Steps 2-6 of `Sampler`: allowed_token_ids, bad words, logit_bias, min_tokens, penalties."""
-    if metadata.allowed_token_ids_mask is not None:
-        logits.masked_fill_(metadata.allowed_token_ids_mask, float("-inf"))
+    if metadata.allowed_token_ids is not None:
+        apply_allowed_token_ids(logits, *metadata.allowed_token_ids)
     if metadata.bad_words_token_ids:
         apply_bad_words(logits, metadata.bad_words_token_ids, metadata.output_token_ids)
     if metadata.logit_bias is not None:
@@ -39,6 +39,16 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
             logits, metadata.prompt_token_ids, metadata.output_token_ids_padded,
             metadata.presence_penalties, metadata.frequency_penalties, metadata.repetition_penalties,
         )
+    return logits
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: torch.Tensor, pair_rows: torch.Tensor,
+                            pair_token_ids: torch.Tensor) -> torch.Tensor:
+    """Restricted rows keep only their listed tokens: the listed logits are saved, the rows set to
+    -inf, and the saved values put back (no [B, V] mask to build each step)."""
+    kept = logits[pair_rows, pair_token_ids]
+    logits[rows] = float("-inf")
+    logits[pair_rows, pair_token_ids] = kept
     return logits
 
 

@@ -71,7 +71,8 @@ class SamplingMetadata:
     """Per row, the live lists of generated tokens (bad words read them)."""
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """(row indices, token ids, biases), one entry per (row, token) pair."""
-    allowed_token_ids_mask: torch.Tensor | None = None  # [B, V] bool, True where a token is banned
+    allowed_token_ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """(rows restricted to a list, then one (row, token id) pair per allowed token)."""
     bad_words_token_ids: dict[int, list[list[int]]] = field(default_factory=dict)
     min_tokens: dict[int, list[int]] = field(default_factory=dict)
     """Row -> the token ids it may not sample yet, for rows still short of their min_tokens."""
@@ -188,10 +189,8 @@ class SamplingMetadata:
                 to_device(torch.tensor(bias_values, dtype=torch.float32), device),
             )
         if allowed_rows:
-            mask = torch.zeros(self.num_rows, vocab_size, dtype=torch.bool)
-            mask[torch.tensor(allowed_rows, dtype=torch.int64)] = True
-            mask[torch.tensor(allowed_pairs[0], dtype=torch.int64), torch.tensor(allowed_pairs[1], dtype=torch.int64)] = False
-            self.allowed_token_ids_mask = to_device(mask, device)
+            self.allowed_token_ids = tuple(  # type: ignore[assignment]
+                to_device(torch.tensor(v, dtype=torch.int64), device) for v in (allowed_rows, *allowed_pairs))
 
 
 def _f32(values: list[float], device: torch.device | str) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_fast_path_builds_no_extra_tensors() -> None:
     mixed = SamplingMetadata.build([row(SamplingParams(temperature=0.0)), row(SamplingParams(temperature=0.5))], V, "cpu")
     assert mixed.temperature is not None and mixed.temperature.tolist() == [1.0, 0.5]
     assert plain.top_k is None and plain.top_p is None and plain.min_p is None
-    assert plain.prompt_token_ids is None and plain.logit_bias is None and plain.allowed_token_ids_mask is None
+    assert plain.prompt_token_ids is None and plain.logit_bias is None and plain.allowed_token_ids is None
     assert plain.max_num_logprobs is None and plain.generators == {}
 
 
@@ -385,8 +385,11 @@ def test_allowed_token_ids() -> None:
     torch.manual_seed(3)
     rows = [row(SamplingParams(allowed_token_ids=[0, 2])) for _ in range(2000)] + [row()]
     out = processed(base_logits(len(rows)), rows)
-    assert torch.isinf(out[0, [1, 3, 4, 5]]).all() and torch.isfinite(out[0, [0, 2]]).all()
-    assert torch.isfinite(out[-1]).all()
+    assert torch.isinf(out[0, [1, 3, 4, 5]]).all() and torch.equal(out[0, [0, 2]], base_logits(1)[0, [0, 2]])
+    assert torch.equal(out[-1], base_logits(1)[0])
+    mixed = processed(base_logits(3), [row(), row(SamplingParams(allowed_token_ids=[4, 4, 1, 99])), row()])
+    assert torch.equal(torch.isfinite(mixed[1]), torch.tensor([False, True, False, False, True, False]))
+    assert torch.equal(mixed[1, [1, 4]], base_logits(1)[0, [1, 4]]) and torch.isfinite(mixed[[0, 2]]).all()
     tokens = sample(base_logits(len(rows)), rows).sampled_token_ids[:-1]
     assert_distribution(tokens, {0: 0.04, 2: 0.11})
     greedy = sample(base_logits(1), [row(SamplingParams(temperature=0.0, allowed_token_ids=[0, 5, 2]))])
