@@ -94,6 +94,44 @@ def test_a_changed_file_or_a_damaged_entry_converts_again(cache_root, tmp_path):
     assert len(conversions) == 3
 
 
+def test_stale_entries_are_removed_when_a_conversion_is_stored(cache_root, tmp_path, monkeypatch):
+    """Storing a conversion removes the entries of files changed or gone and those unused for
+    _UNUSED_DAYS; entries of files in use, and the one being stored, stay."""
+
+    class Converted:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def save_pretrained(self, directory: str) -> None:
+            with open(os.path.join(directory, "value.txt"), "w") as out:
+                out.write(self.text)
+
+    def load(directory: str) -> Converted:
+        with open(os.path.join(directory, "value.txt")) as f:
+            return Converted(f.read())
+
+    def convert(path) -> Converted:
+        return gguf_cache.cached_conversion(str(path), "thing", lambda: Converted(path.read_text()), load)
+
+    files = {name: tmp_path / f"{name}.gguf" for name in ("kept", "changed", "deleted", "unused", "new")}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+    for name in ("kept", "changed", "deleted", "unused"):
+        convert(files[name])
+    old_format = os.path.join(cache_root, "gguf", "old.gguf-0123", "thing")
+    os.makedirs(old_format)  # written before entries recorded their source
+    entries = {e.split(".gguf-")[0]: os.path.join(cache_root, "gguf", e) for e in _entries(cache_root, "thing")}
+    files["changed"].write_bytes(b"changed, longer")
+    files["deleted"].unlink()
+    long_ago = os.stat(entries["unused"]).st_mtime - (gguf_cache._UNUSED_DAYS + 1) * 86400
+    os.utime(entries["unused"], (long_ago, long_ago))
+    assert sorted(entries) == ["changed", "deleted", "kept", "old", "unused"]
+    convert(files["kept"])  # a hit stores nothing, so prunes nothing
+    assert len(_entries(cache_root, "thing")) == 5
+    assert convert(files["new"]).text == "new"
+    assert sorted(e.split(".gguf-")[0] for e in _entries(cache_root, "thing")) == ["kept", "new"]
+
+
 def test_an_unwritable_cache_still_converts(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
