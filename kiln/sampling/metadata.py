@@ -174,10 +174,9 @@ class SamplingMetadata:
                         allowed_pairs[0].append(i)
                         allowed_pairs[1].append(token_id)
             if p.bad_words_token_ids:
-                self.bad_words_token_ids[i] = p.bad_words_token_ids
-            if p.bad_words_token_ids:
                 assert row.pending_index is None or all(len(seq) == 1 for seq in p.bad_words_token_ids), \
                     "a multi-token bad word needs the row's latest token on the host"
+                self.bad_words_token_ids[i] = p.bad_words_token_ids
             if row.num_output_tokens < p.min_tokens:
                 banned = [t for t in p.all_stop_token_ids(row.eos_token_id) if t < vocab_size]
                 if banned:
