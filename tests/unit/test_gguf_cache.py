@@ -26,6 +26,22 @@ def _entries(root, kind: str) -> list[str]:
     return [e for e in os.listdir(base) if os.path.isdir(os.path.join(base, e, kind))] if os.path.isdir(base) else []
 
 
+class Converted:
+    """A conversion stand-in: text saved to and loaded from a cache entry's directory."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def save_pretrained(self, directory: str) -> None:
+        with open(os.path.join(directory, "value.txt"), "w") as out:
+            out.write(self.text)
+
+    @staticmethod
+    def load(directory: str) -> Converted:
+        with open(os.path.join(directory, "value.txt")) as f:
+            return Converted(f.read())
+
+
 def test_the_cached_config_is_the_converted_one(cache_root, smollm_path):
     converted = load_hf_config(smollm_path, False, None)
     assert len(_entries(cache_root, "config")) == 1
@@ -63,34 +79,22 @@ def test_a_changed_file_or_a_damaged_entry_converts_again(cache_root, tmp_path):
     model.write_bytes(b"v1")
     conversions = []
 
-    class Converted:
-        def __init__(self, text: str) -> None:
-            self.text = text
-
-        def save_pretrained(self, directory: str) -> None:
-            with open(os.path.join(directory, "value.txt"), "w") as out:
-                out.write(self.text)
-
     def convert() -> Converted:
         conversions.append(1)
         return Converted(model.read_text())
 
-    def load(directory: str) -> Converted:
-        with open(os.path.join(directory, "value.txt")) as f:
-            return Converted(f.read())
-
-    assert gguf_cache.cached_conversion(str(model), "thing", convert, load).text == "v1"
-    assert gguf_cache.cached_conversion(str(model), "thing", convert, load).text == "v1"
+    assert gguf_cache.cached_conversion(str(model), "thing", convert, Converted.load).text == "v1"
+    assert gguf_cache.cached_conversion(str(model), "thing", convert, Converted.load).text == "v1"
     assert len(conversions) == 1
     model.write_bytes(b"v2 longer")  # another size (and modification time): another entry
-    assert gguf_cache.cached_conversion(str(model), "thing", convert, load).text == "v2 longer"
+    assert gguf_cache.cached_conversion(str(model), "thing", convert, Converted.load).text == "v2 longer"
     assert len(conversions) == 2
     (entry,) = [e for e in _entries(cache_root, "thing") if "model.gguf" in e and
                 open(os.path.join(cache_root, "gguf", e, "thing", "value.txt")).read() == "v2 longer"]
     os.remove(os.path.join(cache_root, "gguf", entry, "thing", "value.txt"))  # damaged
-    assert gguf_cache.cached_conversion(str(model), "thing", convert, load).text == "v2 longer"
+    assert gguf_cache.cached_conversion(str(model), "thing", convert, Converted.load).text == "v2 longer"
     assert len(conversions) == 3
-    assert gguf_cache.cached_conversion(str(model), "thing", convert, load).text == "v2 longer"
+    assert gguf_cache.cached_conversion(str(model), "thing", convert, Converted.load).text == "v2 longer"
     assert len(conversions) == 3
 
 
@@ -98,20 +102,8 @@ def test_stale_entries_are_removed_when_a_conversion_is_stored(cache_root, tmp_p
     """Storing a conversion removes the entries of files changed or gone and those unused for
     _UNUSED_DAYS; entries of files in use, and the one being stored, stay."""
 
-    class Converted:
-        def __init__(self, text: str) -> None:
-            self.text = text
-
-        def save_pretrained(self, directory: str) -> None:
-            with open(os.path.join(directory, "value.txt"), "w") as out:
-                out.write(self.text)
-
-    def load(directory: str) -> Converted:
-        with open(os.path.join(directory, "value.txt")) as f:
-            return Converted(f.read())
-
     def convert(path) -> Converted:
-        return gguf_cache.cached_conversion(str(path), "thing", lambda: Converted(path.read_text()), load)
+        return gguf_cache.cached_conversion(str(path), "thing", lambda: Converted(path.read_text()), Converted.load)
 
     files = {name: tmp_path / f"{name}.gguf" for name in ("kept", "changed", "deleted", "unused", "new")}
     for name, path in files.items():
@@ -139,9 +131,9 @@ def test_an_unwritable_cache_still_converts(tmp_path, monkeypatch):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x")
 
-    class Converted:
+    class Unsaveable:
         def save_pretrained(self, directory: str) -> None:
             raise AssertionError("never reached: the cache directory cannot be made")
 
-    converted = Converted()
+    converted = Unsaveable()
     assert gguf_cache.cached_conversion(str(model), "thing", lambda: converted, lambda d: None) is converted
